@@ -1,0 +1,38 @@
+# covidseg: `make setup` once, then `make test`, `make run`, `make bench`. See README.md.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export SM_FRAMEWORK := tf.keras
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: setup system-deps test test-core test-service test-web bench run migrate clean
+
+## setup: virtualenv with pinned Python deps, the `covidseg` console script, and system services if missing
+setup: $(VENV)/.installed system-deps
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps tf-keras==2.21.0
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+## system-deps: redis-server, chromium (browser tests) and PostgreSQL binaries from Debian, when missing and root
+system-deps:
+	@bash scripts/system_deps.sh
+
+## test: the whole suite against real Redis, SeaweedFS (S3), PostgreSQL, SQLite, Celery, TF and Chromium
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-core: setup
+	$(PY) -m pytest -q tests/core $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m shared.cli bench --json artifacts/bench.json
+
+clean:
+	rm -rf artifacts .pytest_cache
