@@ -1,0 +1,135 @@
+"""The OpenAPI 3.1 document served at /api/v1/openapi.json (tests check it lists every route)."""
+from __future__ import annotations
+
+from shared.db import STATUSES
+from shared.storage import RESULT_KINDS
+
+
+def _err(desc):
+    return {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _id_param(name):
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+
+
+def spec() -> dict:
+    upload = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                "description": "One or more PNG/JPEG/TIFF/DICOM slices (type read from the "
+                                               "content). Several files form a batch."}}}}}}
+    common = {"401": _err("missing, malformed or unknown bearer token"), "503": _err("a backing service is down")}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "covidseg job service", "version": "1",
+                 "description": "Segments COVID-19 infection in lung CT slices. Every error is JSON "
+                                "{\"error\": message, \"code\": machine_code}."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "code"],
+                          "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+                "Job": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "status": {"enum": list(STATUSES)},
+                    "batch_id": {"type": ["string", "null"]}, "position": {"type": "integer"},
+                    "queue": {"type": "string"}, "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+                    "attempts": {"type": "integer"}, "error": {"type": ["string", "null"]},
+                    "infected_fraction": {"type": ["number", "null"]},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "updated_at": {"type": "string", "format": "date-time"},
+                    "started_at": {"type": ["string", "null"], "format": "date-time"},
+                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                    "input": {"type": "object"},
+                    "results": {"type": ["object", "null"], "description": "when succeeded: "
+                                + ", ".join(RESULT_KINDS) + " -> {url, sha256, content_type}; url is a "
+                                "short-lived presigned S3 URL or an API URL (COVIDSEG_RESULT_LINKS)"},
+                    "links": {"type": "object"}}},
+                "Submitted": {"type": "object", "properties": {
+                    "batch_id": {"type": ["string", "null"]},
+                    "jobs": {"type": "array", "items": {"type": "object"}}, "links": {"type": "object"},
+                    "idempotent_replay": {"type": "boolean"}}},
+                "Batch": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "total": {"type": "integer"},
+                    "counts": {"type": "object", "properties": {s: {"type": "integer"} for s in STATUSES}},
+                    "percent_done": {"type": "number"}, "progress": {"type": "number"}, "done": {"type": "boolean"},
+                    "jobs": {"type": "array", "items": {"type": "object"}}}},
+            },
+        },
+        "paths": {
+            "/healthz": {"get": {"summary": "process is up", "security": [],
+                                 "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "database, Redis and object storage reachable", "security": [],
+                                "responses": {"200": {"description": "ready"}, "503": _err("not ready")}}},
+            "/api/v1/openapi.json": {"get": {"summary": "this document",
+                                             "responses": {"200": {"description": "OpenAPI document"}, **common}}},
+            "/api/v1/jobs": {
+                "post": {"summary": "submit one slice (a job) or many (a batch)",
+                         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                         "schema": {"type": "string", "maxLength": 200},
+                                         "description": "a retried request with the same key and files "
+                                                        "returns the first answer; no duplicate work"}],
+                         "requestBody": upload,
+                         "responses": {"202": {"description": "accepted", "content": {"application/json": {
+                             "schema": {"$ref": "#/components/schemas/Submitted"}}}},
+                             "400": _err("no file, empty, corrupt or truncated image, bad Idempotency-Key"),
+                             "413": _err("file/request too large, too many files, too many pixels"),
+                             "415": _err("not multipart, or not a PNG/JPEG/TIFF/DICOM image"),
+                             "422": _err("image too small, Idempotency-Key reused with other files"), **common}},
+                "get": {"summary": "list jobs, newest first (cursor pagination)",
+                        "parameters": [
+                            {"name": "status", "in": "query", "schema": {"type": "string"},
+                             "description": "comma-separated: " + ",".join(STATUSES)},
+                            {"name": "batch_id", "in": "query", "schema": {"type": "string"}},
+                            {"name": "created_after", "in": "query", "schema": {"type": "string",
+                                                                                "format": "date-time"}},
+                            {"name": "created_before", "in": "query", "schema": {"type": "string",
+                                                                                 "format": "date-time"}},
+                            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 200, "default": 50}},
+                            {"name": "cursor", "in": "query", "schema": {"type": "string"},
+                             "description": "next_cursor of the previous page"}],
+                        "responses": {"200": {"description": "{jobs: [Job], next_cursor}"},
+                                      "400": _err("bad filter, limit or cursor"), **common}}},
+            "/api/v1/jobs/{job_id}": {"get": {
+                "summary": "job status, progress, timestamps, attempts, error, infected fraction, result links",
+                "parameters": [_id_param("job_id")],
+                "responses": {"200": {"description": "job", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Job"}}}}, "404": _err("unknown job"), **common}}},
+            "/api/v1/jobs/{job_id}/results/{kind}": {"get": {
+                "summary": "stream a result PNG through the API",
+                "parameters": [_id_param("job_id"), {"name": "kind", "in": "path", "required": True,
+                                                     "schema": {"enum": list(RESULT_KINDS)}}],
+                "responses": {"200": {"description": "PNG", "content": {"image/png": {}}},
+                              "404": _err("unknown job or result"), "409": _err("job has not succeeded"),
+                              **common}}},
+            "/api/v1/jobs/{job_id}/cancel": {"post": {
+                "summary": "cancel a queued or running job (idempotent for cancelled jobs)",
+                "parameters": [_id_param("job_id")],
+                "responses": {"200": {"description": "job"}, "400": _err("malformed JSON body"),
+                              "404": _err("unknown job"), "409": _err("job already finished"), **common}}},
+            "/api/v1/jobs/{job_id}/retry": {"post": {
+                "summary": "re-run a failed or cancelled job",
+                "parameters": [_id_param("job_id")],
+                "responses": {"202": {"description": "job, queued again"}, "400": _err("malformed JSON body"),
+                              "404": _err("unknown job"), "409": _err("job is not failed or cancelled"),
+                              **common}}},
+            "/api/v1/batches/{batch_id}": {"get": {
+                "summary": "batch progress: counts per status and percent done",
+                "parameters": [_id_param("batch_id")],
+                "responses": {"200": {"description": "batch", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Batch"}}}}, "404": _err("unknown batch"),
+                    **common}}},
+            "/predict": {"post": {
+                "summary": "legacy: one slice in, overlay PNG out (queued like any job; waits "
+                           "COVIDSEG_PREDICT_TIMEOUT seconds)",
+                "requestBody": upload,
+                "responses": {"200": {"description": "overlay PNG; headers X-Job-Id, X-Infected-Fraction",
+                                      "content": {"image/png": {}}},
+                              "400": _err("bad upload"), "413": _err("too large"), "415": _err("not an image"),
+                              "422": _err("the job failed"), "504": _err("no result in time (job continues)"),
+                              **common}}},
+        },
+    }

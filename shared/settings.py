@@ -1,0 +1,185 @@
+"""ONE typed settings object for the service (API, workers, CLI, scripts), read from environment variables.
+
+Every field is a `COVIDSEG_<FIELD>` environment variable (upper case), documented here with its default;
+docs/SERVICE.md's settings table is generated from these declarations (`settings_markdown_table()`).
+This module imports nothing heavy (no Flask, Celery, TensorFlow) so every process can load it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Mapping
+
+ENV_PREFIX = "COVIDSEG_"
+
+
+def _f(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value of the wrong type or an inconsistent combination."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- database -------------------------------------------------------------------------------------------
+    database_url: str = _f("sqlite:///var/covidseg.db",
+                           "SQLAlchemy URL of the job database: SQLite for development, "
+                           "postgresql+psycopg2://... in production. The schema comes only from `make migrate`.")
+    db_pool_size: int = _f(10, "Connections kept open per process (PostgreSQL).")
+    db_max_overflow: int = _f(20, "Extra connections a process may open under load (PostgreSQL).")
+    db_pool_timeout: float = _f(10.0, "Seconds to wait for a pooled connection before failing the request.")
+    # --- queue -----------------------------------------------------------------------------------------------
+    broker_url: str = _f("redis://127.0.0.1:6379/0", "Celery broker (Redis) URL.")
+    broker_visibility_timeout: int = _f(3600, "Redis visibility timeout (s): an unacknowledged message is "
+                                              "redelivered after this long. Must exceed task_time_limit.")
+    queue_interactive: str = _f("covidseg.interactive", "High-priority queue: single uploads and /predict.")
+    queue_bulk: str = _f("covidseg.bulk", "Bulk queue: multi-file batches (and later whole studies).")
+    # --- object storage ---------------------------------------------------------------------------------------
+    s3_endpoint: str = _f("127.0.0.1:8333", "host:port of the S3 server (MinIO, SeaweedFS, AWS).")
+    s3_access_key: str = _f("covidseg", "S3 access key.")
+    s3_secret_key: str = _f("covidseg-secret", "S3 secret key.")
+    s3_secure: bool = _f(False, "Use HTTPS for S3.")
+    s3_region: str = _f("us-east-1", "S3 region (used for request signing).")
+    s3_bucket: str = _f("covidseg", "Bucket holding uploads (inputs/) and results (results/).")
+    s3_public_endpoint: str = _f("", "host:port clients use for presigned URLs when it differs from "
+                                     "s3_endpoint (e.g. behind a proxy); empty = s3_endpoint.")
+    result_links: str = _f("presigned", "How job results are linked: 'presigned' (short-lived S3 URLs) or "
+                                        "'api' (streamed through the API with the bearer token).")
+    presign_ttl_seconds: int = _f(300, "Lifetime of presigned result URLs (s).")
+    s3_timeout: float = _f(10.0, "Connect/read timeout of one S3 request (s).")
+    # --- uploads --------------------------------------------------------------------------------------------
+    max_upload_bytes: int = _f(32 * 1024 * 1024, "Largest accepted file (bytes).")
+    max_request_bytes: int = _f(256 * 1024 * 1024, "Largest accepted request body (bytes); larger bodies are "
+                                                    "refused from the Content-Length before reading.")
+    max_files_per_request: int = _f(500, "Most files in one POST /api/v1/jobs (one batch).")
+    max_pixels: int = _f(40_000_000, "Largest accepted width*height, read from the image header before "
+                                      "decoding (decompression bombs).")
+    min_side: int = _f(8, "Smallest accepted width or height (pixels).")
+    # --- jobs and workers -------------------------------------------------------------------------------------
+    task_soft_time_limit: int = _f(120, "Soft time limit of one task (s): the task stops and the job is "
+                                        "retried or failed.")
+    task_time_limit: int = _f(150, "Hard time limit (s): the worker child is killed. > task_soft_time_limit.")
+    task_max_retries: int = _f(5, "Retries of a task after transient storage/database errors.")
+    retry_backoff_max: int = _f(60, "Upper bound of the exponential retry back-off (s).")
+    job_max_attempts: int = _f(3, "Claims of one job (worker crashes, timeouts) before it is marked failed.")
+    heartbeat_interval: float = _f(5.0, "A running job's heartbeat period (s).")
+    stale_after: float = _f(45.0, "A running job without a heartbeat for this long is re-queued by the sweep "
+                                  "(its worker died). > 2 * heartbeat_interval.")
+    dispatch_grace: float = _f(30.0, "A queued job whose message is not in the broker after this long (s) is "
+                                     "re-published (lost message, e.g. Redis restarted without persistence).")
+    sweep_interval: float = _f(15.0, "Period of the worker's recovery sweep (s); it also runs at start-up.")
+    infer_batch_size: int = _f(8, "Slices of one batch inferred together in one task.")
+    predict_timeout: float = _f(60.0, "POST /predict waits this long (s) for the job before answering 504.")
+    weights: str = _f("", "Weights file for the worker; empty = the shipped weights.")
+    inference_backend: str = _f("auto", "Segmenter backend: auto | fp32 | bf16 | int8.")
+    tf_threads: int = _f(0, "TensorFlow intra/inter-op threads in a worker; 0 = TensorFlow's default.")
+    # --- API ------------------------------------------------------------------------------------------------
+    api_bind: str = _f("127.0.0.1:8000", "gunicorn bind address of the API.")
+    api_workers: int = _f(2, "gunicorn worker processes.")
+    api_threads: int = _f(8, "Threads per gunicorn worker (gthread).")
+    token_cache_seconds: float = _f(30.0, "A verified token is trusted this long per API process before the "
+                                          "database is asked again (revocation delay).")
+    idempotency_ttl_hours: int = _f(24, "Idempotency-Key records are kept this long.")
+    log_level: str = _f("INFO", "Log level of the API and workers.")
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = env_name(f.name)
+            if name in env:
+                values[f.name] = _parse(f, env[name])
+        values.update(overrides)
+        s = cls(**values)
+        s.validate()
+        return s
+
+    def replace(self, **changes) -> "Settings":
+        s = dataclasses.replace(self, **changes)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        problems = []
+        if self.task_time_limit <= self.task_soft_time_limit:
+            problems.append("task_time_limit must exceed task_soft_time_limit")
+        if self.broker_visibility_timeout <= self.task_time_limit:
+            problems.append("broker_visibility_timeout must exceed task_time_limit")
+        if self.stale_after <= 2 * self.heartbeat_interval:
+            problems.append("stale_after must exceed 2 * heartbeat_interval")
+        if self.result_links not in ("presigned", "api"):
+            problems.append("result_links must be 'presigned' or 'api'")
+        if self.queue_interactive == self.queue_bulk:
+            problems.append("queue_interactive and queue_bulk must differ")
+        for name in ("max_upload_bytes", "max_request_bytes", "max_files_per_request", "max_pixels",
+                     "infer_batch_size", "job_max_attempts", "api_workers", "api_threads"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    def env(self) -> dict[str, str]:
+        """This object as environment variables (to start another process with the same settings)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[env_name(f.name)] = ("true" if v else "false") if isinstance(v, bool) else str(v)
+        return out
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def queues(self) -> tuple[str, str]:
+        return (self.queue_interactive, self.queue_bulk)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    typ = f.type if isinstance(f.type, str) else f.type.__name__
+    name = env_name(f.name)
+    try:
+        if typ == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if typ == "int":
+            return int(raw.strip().replace("_", ""))
+        if typ == "float":
+            return float(raw.strip())
+        return raw
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {typ}") from None
+
+
+def settings_fields():
+    """(env name, type, default, doc) for every setting (docs and tests)."""
+    return [(env_name(f.name), f.type if isinstance(f.type, str) else f.type.__name__, f.default,
+             f.metadata["doc"]) for f in fields(Settings)]
+
+
+def settings_markdown_table() -> str:
+    rows = ["| Variable | Type | Default | Meaning |", "| --- | --- | --- | --- |"]
+    for name, typ, default, doc in settings_fields():
+        d = ("true" if default else "false") if isinstance(default, bool) else str(default)
+        rows.append(f"| `{name}` | {typ} | `{d}` | {doc} |")
+    return "\n".join(rows)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings.from_env()

@@ -1,0 +1,1 @@
+"""Celery worker: tasks (worker.tasks) and the recovery sweep (worker.sweep)."""

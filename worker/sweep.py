@@ -1,0 +1,117 @@
+"""Recovery sweep: re-queues jobs whose worker died and re-publishes jobs whose message was lost.
+
+Runs at worker start-up and every `sweep_interval` seconds in a thread of each worker's main process (it does
+not import TensorFlow), and on demand with `covidseg service sweep`. Concurrent sweeps are safe: every change is
+a conditional UPDATE, and a duplicate message for a job is a no-op for the task.
+
+1. `running` jobs without a heartbeat for `stale_after` s -> `queued` again (or `failed` after
+   `job_max_attempts` claims: a slice that keeps killing workers must not loop forever), then published.
+2. `queued` jobs never published (the API could not reach Redis) -> published.
+3. `queued` jobs published more than `dispatch_grace` s ago whose message is in no queue and not held unacked
+   by any worker (e.g. Redis restarted without persistence) -> published again.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from shared import db
+from shared.celery_app import dispatch
+from shared.settings import Settings
+
+log = logging.getLogger("covidseg.sweep")
+#: kombu's Redis transport keeps prioritised messages in lists named <queue><SEP><priority>.
+_PRIORITY_SEP = "\x06\x16"
+#: Above this many waiting messages the broker scan (step 3) is skipped for one round (bounded cost).
+BROKER_SCAN_LIMIT = 100_000
+
+
+def _job_ids_of_message(raw) -> set[str]:
+    try:
+        msg = json.loads(raw)
+        if isinstance(msg, list):  # unacked hash entries are [message, exchange, routing_key]
+            msg = msg[0]
+        body = msg["body"]
+        if msg.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        payload = json.loads(body)
+        kwargs = payload[1] if isinstance(payload, list) else payload.get("kwargs", {})
+        return set(kwargs.get("job_ids", []))
+    except Exception:  # noqa: BLE001 - foreign or malformed message: not ours
+        return set()
+
+
+def jobs_in_broker(redis_client, queues) -> set[str] | None:
+    """Job ids referenced by waiting or unacknowledged messages; None when there are too many to scan."""
+    keys = []
+    for q in queues:
+        keys.append(q)
+        keys.extend(f"{q}{_PRIORITY_SEP}{p}" for p in range(1, 10))
+    total = sum(redis_client.llen(k) for k in keys) + redis_client.hlen("unacked")
+    if total > BROKER_SCAN_LIMIT:
+        return None
+    ids: set[str] = set()
+    for k in keys:
+        for raw in redis_client.lrange(k, 0, -1):
+            ids |= _job_ids_of_message(raw)
+    for raw in redis_client.hvals("unacked"):
+        ids |= _job_ids_of_message(raw)
+    return ids
+
+
+def sweep(settings: Settings, session_factory, celery_app, redis_client=None) -> dict:
+    report = {"requeued": [], "failed": [], "published": [], "republished_lost": []}
+    with session_factory() as session:
+        requeued, failed = db.requeue_stale(session, settings.stale_after, settings.job_max_attempts)
+    report["requeued"], report["failed"] = requeued, failed
+    now = db.utcnow()
+    with session_factory() as session:
+        undispatched = session.execute(select(db.Job.id, db.Job.queue, db.Job.batch_id).where(
+            db.Job.status == db.QUEUED, db.Job.dispatched_at.is_(None),
+            db.Job.updated_at < now - timedelta(seconds=2)).order_by(db.Job.seq).limit(10000)).all()
+        overdue = session.execute(select(db.Job.id, db.Job.queue, db.Job.batch_id).where(
+            db.Job.status == db.QUEUED, db.Job.dispatched_at.is_not(None),
+            db.Job.dispatched_at < now - timedelta(seconds=settings.dispatch_grace))
+            .order_by(db.Job.seq).limit(10000)).all()
+    todo = [tuple(r) for r in undispatched]
+    report["published"] = [r[0] for r in undispatched]
+    if overdue and redis_client is not None:
+        present = jobs_in_broker(redis_client, settings.queues)
+        if present is not None:
+            lost = [tuple(r) for r in overdue if r[0] not in present]
+            todo += lost
+            report["republished_lost"] = [r[0] for r in lost]
+    if todo:
+        dispatch(celery_app, session_factory, todo, settings)
+    if any(report.values()):
+        log.warning("sweep: %s", {k: len(v) for k, v in report.items()})
+    return report
+
+
+class SweepThread(threading.Thread):
+    """Daemon thread running `sweep` now and every `settings.sweep_interval` seconds until stopped."""
+
+    def __init__(self, settings: Settings, celery_app):
+        super().__init__(name="covidseg-sweep", daemon=True)
+        self.settings = settings
+        self.celery_app = celery_app
+        self.stop_event = threading.Event()
+
+    def run(self):
+        import redis
+
+        engine = db.make_engine(self.settings)
+        session_factory = db.make_sessionmaker(engine)
+        client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=5, socket_connect_timeout=3)
+        while not self.stop_event.is_set():
+            try:
+                sweep(self.settings, session_factory, self.celery_app, client)
+            except Exception as exc:  # noqa: BLE001 - DB/Redis briefly down: try again next round
+                log.warning("sweep failed: %s", exc)
+            self.stop_event.wait(self.settings.sweep_interval)
+        engine.dispose()
