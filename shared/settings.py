@@ -85,6 +85,17 @@ class Settings:
                                           "database is asked again (revocation delay).")
     idempotency_ttl_hours: int = _f(24, "Idempotency-Key records are kept this long.")
     log_level: str = _f("INFO", "Log level of the API and workers.")
+    # --- web interface and admin dashboard (docs/WEB.md) -----------------------------------------------------
+    admin_session_hours: float = _f(8.0, "An admin login lasts at most this long (h), however active.")
+    admin_idle_minutes: float = _f(30.0, "An admin session unused for this long (min) ends.")
+    admin_cookie_secure: bool = _f(False, "Mark the admin session cookie Secure (HTTPS only). Set true behind a "
+                                          "TLS proxy; over direct HTTPS it is Secure anyway.")
+    admin_login_max_failures: int = _f(5, "Failed admin logins per user name and per client address within 15 "
+                                          "minutes before further attempts are refused for a while.")
+    flower_url: str = _f("", "Flower (Celery monitor) URL linked from the admin dashboard; empty = no link.")
+    admin_inspect_timeout: float = _f(1.0, "Seconds the dashboard waits for workers to answer Celery inspect.")
+    admin_cache_seconds: float = _f(10.0, "Queue depths and workers online are cached this long (s) per API "
+                                          "process.")
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod

@@ -27,18 +27,13 @@ SESSION_COOKIE = "covidseg_admin"
 LOGIN_CSRF_COOKIE = "covidseg_login_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 
-#: defaults of the admin settings (shared.settings declares them; these keep the admin usable with older settings)
-DEFAULTS = {"admin_session_hours": 8.0, "admin_idle_minutes": 30.0, "admin_cookie_secure": False,
-            "admin_login_max_failures": 5, "flower_url": "", "admin_inspect_timeout": 1.0,
-            "admin_cache_seconds": 10.0}
-
-
 def services():
     return current_app.extensions["covidseg"]
 
 
 def cfg(name: str):
-    return getattr(services().settings, name, DEFAULTS[name])
+    """An admin setting (shared.settings, section "web interface and admin dashboard")."""
+    return getattr(services().settings, name)
 
 
 # --- login throttling ------------------------------------------------------------------------------------------

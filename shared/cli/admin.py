@@ -113,3 +113,16 @@ def _cmd_list(args) -> int:
         last = u.last_login_at.isoformat(timespec="seconds") if u.last_login_at else "never"
         print(f"{u.username}\t{state}\tlast login: {last}")
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m shared.cli.admin ...` (the same commands as `covidseg admin ...`)."""
+    p = argparse.ArgumentParser(prog="covidseg")
+    sub = p.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = p.parse_args(["admin", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,9 +21,8 @@ def web_settings(tmp_path_factory, redis_server, s3_server):
     s = Settings.from_env({}, database_url=url, broker_url=f"redis://127.0.0.1:{redis_server.port}/6",
                           s3_endpoint=s3_server.endpoint, s3_access_key="covidseg-test",
                           s3_secret_key="covidseg-test-secret", s3_bucket="covidseg-web-unit",
-                          queue_interactive="web.interactive", queue_bulk="web.bulk")
-    if "flower_url" in {f for f in s.__dataclass_fields__}:
-        s = s.replace(flower_url="http://flower.internal:5555/")
+                          queue_interactive="web.interactive", queue_bulk="web.bulk",
+                          flower_url="http://flower.internal:5555/")
     Storage.from_settings(s).ensure_bucket()
     return s
 
