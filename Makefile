@@ -7,7 +7,7 @@ export SM_FRAMEWORK := tf.keras
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup system-deps test test-core test-service test-web bench run migrate clean
+.PHONY: setup system-deps test test-core test-service test-web bench bench-service run migrate clean
 
 ## setup: virtualenv with pinned Python deps, the `covidseg` console script, and system services if missing
 setup: $(VENV)/.installed system-deps
@@ -31,8 +31,26 @@ test: setup
 test-core: setup
 	$(PY) -m pytest -q tests/core $(PYTEST_ARGS)
 
+## test-service: job service only (real Redis, SeaweedFS, PostgreSQL + SQLite, gunicorn, a Celery worker)
+test-service: setup
+	$(PY) -m pytest -q tests/service $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) -m shared.cli bench --json artifacts/bench.json
+	$(MAKE) --no-print-directory bench-service
+
+## bench-service: submit latency p50/p99 at 1/10/50 clients + open loop, end-to-end slices/s (one worker)
+bench-service: setup
+	nice -n 5 $(PY) scripts/bench_service.py --json artifacts/bench_service.json
+
+## run: local stack without Docker (redis, SeaweedFS S3, SQLite, one worker, the API); prints URL and a token
+run: setup
+	$(PY) scripts/localstack.py run
+
+## migrate: create/upgrade the job database schema (COVIDSEG_DATABASE_URL; default SQLite var/covidseg.db)
+migrate: setup
+	mkdir -p var
+	$(VENV)/bin/alembic upgrade head
 
 clean:
 	rm -rf artifacts .pytest_cache

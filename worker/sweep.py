@@ -78,8 +78,10 @@ def sweep(settings: Settings, session_factory, celery_app, redis_client=None) ->
             db.Job.status == db.QUEUED, db.Job.dispatched_at.is_not(None),
             db.Job.dispatched_at < now - timedelta(seconds=settings.dispatch_grace))
             .order_by(db.Job.seq).limit(10000)).all()
-    todo = [tuple(r) for r in undispatched]
-    report["published"] = [r[0] for r in undispatched]
+        again = session.execute(select(db.Job.id, db.Job.queue, db.Job.batch_id).where(
+            db.Job.id.in_(requeued), db.Job.status == db.QUEUED)).all() if requeued else []
+    todo = [tuple(r) for r in again] + [tuple(r) for r in undispatched if r[0] not in set(requeued)]
+    report["published"] = [r[0] for r in todo]
     if overdue and redis_client is not None:
         present = jobs_in_broker(redis_client, settings.queues)
         if present is not None:
