@@ -194,3 +194,7 @@ def settings_markdown_table() -> str:
 def get_settings() -> Settings:
     """The process-wide settings (read once from the environment)."""
     return Settings.from_env()
+
+
+if __name__ == "__main__":  # `python -m shared.settings` prints the table for docs/SERVICE.md
+    print(settings_markdown_table())
