@@ -15,7 +15,7 @@ import hmac
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import ForeignKey, Index, String, select, update
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, BigIntPK, UTCDateTime, utcnow
@@ -47,6 +47,35 @@ class AdminSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     __table_args__ = (Index("ix_admin_sessions_expires_at", "expires_at"),)
+
+
+class AdminAction(Base):
+    """Audit trail of what administrators did to jobs (retry, cancel): who, when, and the state before."""
+    __tablename__ = "admin_actions"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    username: Mapped[str] = mapped_column(String(USERNAME_MAX), nullable=False)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    from_status: Mapped[str] = mapped_column(String(16), nullable=False)
+    previous_error: Mapped[str | None] = mapped_column(Text)
+    previous_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    previous_worker: Mapped[str | None] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    __table_args__ = (Index("ix_admin_actions_job_at", "job_id", "at"),)
+
+
+def record_action(session, job, username: str, action: str) -> AdminAction:
+    row = AdminAction(job_id=job.id, username=username, action=action, from_status=job.status,
+                      previous_error=job.error, previous_attempts=job.attempts or 0, previous_worker=job.worker,
+                      at=utcnow())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def actions_of(session, job_id: str) -> list[AdminAction]:
+    return list(session.scalars(select(AdminAction).where(AdminAction.job_id == job_id)
+                                .order_by(AdminAction.at, AdminAction.id)).all())
 
 
 class AdminError(ValueError):

@@ -246,7 +246,17 @@ def _load(session, job_id: str):
 def get_job(job_id):
     with services().Session() as session:
         job, name = _load(session, job_id)
-    return jsonify(admin_job_json(job, name, full=True))
+        actions = admin_users.actions_of(session, job.id)
+    out = admin_job_json(job, name, full=True)
+    out["admin_actions"] = [{"action": a.action, "by": a.username, "at": _iso(a.at), "from_status": a.from_status,
+                             "previous_error": a.previous_error, "previous_attempts": a.previous_attempts,
+                             "previous_worker": a.previous_worker} for a in actions]
+    if actions and actions[-1].action == "retry":
+        # the latest (re)queue time: waiting is measured from the last retry, not from the first submission
+        out["durations"]["waiting_s"] = _secs(max(actions[-1].at, job.created_at), job.started_at)
+        out["durations"]["total_s"] = _secs(max(actions[-1].at, job.created_at),
+                                            job.finished_at if job.status in db.TERMINAL else None)
+    return jsonify(out)
 
 
 @bp_admin_api.get("/jobs/<job_id>/results/<kind>")
@@ -269,17 +279,27 @@ def get_result(job_id, kind):
     return resp
 
 
+def _snapshot(job: db.Job):
+    """The fields the audit trail keeps, read before the state change."""
+    from types import SimpleNamespace
+    return SimpleNamespace(id=job.id, status=job.status, error=job.error, attempts=job.attempts, worker=job.worker)
+
+
 @bp_admin_api.post("/jobs/<job_id>/cancel")
 @admin_api
 def cancel_job(job_id):
     svc = services()
     with svc.Session() as session:
         job, name = _load(session, job_id)
-        if job.status != db.CANCELLED and not db.cancel_job(session, job.id):
-            session.refresh(job)
-            raise ApiError(409, "job_finished", f"the job already {job.status}; it can no longer be cancelled")
+        if job.status != db.CANCELLED:
+            before = _snapshot(job)
+            if not db.cancel_job(session, job.id):
+                session.refresh(job)
+                raise ApiError(409, "job_finished", f"the job already {job.status}; it can no longer be cancelled")
+            admin_users.record_action(session, before, g.admin[1].username, "cancel")
+            session.commit()
+            log.info("admin %r cancelled job %s", g.admin[1].username, job_id)
         job, name = _load(session, job_id)
-    log.info("admin %r cancelled job %s", g.admin[1].username, job_id)
     return jsonify(admin_job_json(job, name, full=True))
 
 
@@ -291,10 +311,13 @@ def retry_job(job_id):
     svc = services()
     with svc.Session() as session:
         job, _ = _load(session, job_id)
+        before = _snapshot(job)
         if not db.retry_job(session, job.id):
             session.refresh(job)
             raise ApiError(409, "job_not_retryable",
                            f"the job is {job.status}; only failed or cancelled jobs can be retried")
+        admin_users.record_action(session, before, g.admin[1].username, "retry")
+        session.commit()
     try:
         svc.storage.delete_prefix(f"results/{job.id}/")
     except Exception:  # noqa: BLE001 - partial results are overwritten by the re-run anyway

@@ -97,7 +97,10 @@ class WorkerMonitor:
             if self.cached is not None and now < self.expires:
                 return self.cached
             out = {"queues": queue_depths(settings), "checked_at": iso(db.utcnow())}
-            out.update(inspect_workers(celery_app, timeout))
+            if any(q.get("error") for q in out["queues"]):   # broker down: inspect would only hang on retries
+                out.update({"workers": [], "workers_error": "the broker (Redis) is unreachable"})
+            else:
+                out.update(inspect_workers(celery_app, timeout))
             self.cached, self.expires = out, time.monotonic() + ttl
             return out
 

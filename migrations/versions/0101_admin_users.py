@@ -1,4 +1,4 @@
-"""admin dashboard: admin_users and admin_sessions (shared/admin_users.py)
+"""admin dashboard: admin_users, admin_sessions and the admin_actions audit trail (shared/admin_users.py)
 
 Revision ID: 0101_admin
 Revises: 0001
@@ -45,8 +45,26 @@ def upgrade() -> None:
     with op.batch_alter_table('admin_sessions', schema=None) as batch_op:
         batch_op.create_index('ix_admin_sessions_expires_at', ['expires_at'], unique=False)
 
+    op.create_table('admin_actions',
+    sa.Column('id', BIGINT_ID, autoincrement=True, nullable=False),
+    sa.Column('job_id', sa.String(length=32), nullable=False),
+    sa.Column('username', sa.String(length=64), nullable=False),
+    sa.Column('action', sa.String(length=16), nullable=False),
+    sa.Column('from_status', sa.String(length=16), nullable=False),
+    sa.Column('previous_error', sa.Text(), nullable=True),
+    sa.Column('previous_attempts', sa.Integer(), nullable=False),
+    sa.Column('previous_worker', sa.String(length=200), nullable=True),
+    sa.Column('at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_admin_actions'))
+    )
+    with op.batch_alter_table('admin_actions', schema=None) as batch_op:
+        batch_op.create_index('ix_admin_actions_job_at', ['job_id', 'at'], unique=False)
+
 
 def downgrade() -> None:
+    with op.batch_alter_table('admin_actions', schema=None) as batch_op:
+        batch_op.drop_index('ix_admin_actions_job_at')
+    op.drop_table('admin_actions')
     with op.batch_alter_table('admin_sessions', schema=None) as batch_op:
         batch_op.drop_index('ix_admin_sessions_expires_at')
     op.drop_table('admin_sessions')

@@ -126,6 +126,12 @@ def test_retry_requires_csrf_token_and_same_origin(admin_client, make_job, svc):
     r = admin_client.post(url, headers=_csrf_headers(admin_client, Origin="http://localhost"))
     assert r.status_code == 202, r.json
     assert r.json["status"] == "queued" and r.json["attempts"] == 0 and r.json["error"] is None
+    # the audit trail keeps who retried it and what it was before
+    actions = admin_client.get(f"/api/v1/admin/jobs/{jid}").json["admin_actions"]
+    assert len(actions) == 1
+    a = actions[0]
+    assert (a["action"], a["by"], a["from_status"], a["previous_error"], a["previous_attempts"]) == \
+        ("retry", "alice", "failed", "input missing", 1)
 
 
 def test_retry_publishes_a_message(admin_client, make_job, svc, redis_server):
@@ -146,6 +152,10 @@ def test_cancel(admin_client, make_job):
     jid = make_job("queued")
     r = admin_client.post(f"/api/v1/admin/jobs/{jid}/cancel", headers=_csrf_headers(admin_client))
     assert r.status_code == 200 and r.json["status"] == "cancelled"
+    r = admin_client.post(f"/api/v1/admin/jobs/{jid}/cancel", headers=_csrf_headers(admin_client))
+    assert r.status_code == 200                                   # cancelling twice is harmless ...
+    actions = admin_client.get(f"/api/v1/admin/jobs/{jid}").json["admin_actions"]
+    assert [(a["action"], a["from_status"]) for a in actions] == [("cancel", "queued")]   # ... and logged once
     done = make_job("succeeded")
     r = admin_client.post(f"/api/v1/admin/jobs/{done}/cancel", headers=_csrf_headers(admin_client))
     assert r.status_code == 409

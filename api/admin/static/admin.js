@@ -45,6 +45,7 @@
   }
   function fmtDur(s) {
     if (s === null || s === undefined) return "–";
+    if (s === 0) return "0 s";
     if (s < 1) return Math.round(s * 1000) + " ms";
     if (s < 90) return s.toFixed(1) + " s";
     if (s < 5400) return Math.round(s / 60) + " min";
@@ -115,18 +116,18 @@
       const rows = jobs.map((j) => {
         const tr = el("tr", { "data-job-id": j.id, "data-status": j.status });
         const idTd = el("td", { "data-label": "Job" });
-        idTd.append(el("a", { href: j.links.page, class: "mono", title: j.id }, j.id.slice(0, 12)));
+        idTd.append(el("a", { href: j.links.page, class: "mono nowrap", title: j.id, "aria-label": "job " + j.id }, j.id.slice(0, 10)));
         if (j.batch_id) idTd.append(el("div", { class: "muted small", title: "batch " + j.batch_id }, "batch " + j.batch_id.slice(0, 8)));
         tr.append(idTd);
-        tr.append(el("td", { "data-label": "File" }, j.name || "–"));
-        const st = el("td", { "data-label": "Status" });
+        tr.append(el("td", { "data-label": "File", class: "file" }, j.name || "–"));
+        const st = el("td", { "data-label": "Status", class: "status" });
         st.append(badge(j.status));
         if (j.status === "failed" && j.error) st.append(el("div", { class: "small err-text", title: j.error }, j.error.slice(0, 80)));
         tr.append(st);
         tr.append(el("td", { "data-label": "Created" }, fmtTime(j.created_at)));
         tr.append(el("td", { "data-label": "Duration" }, TERMINAL.has(j.status) ? fmtDur(secsBetween(j.created_at, j.finished_at)) : "…"));
         tr.append(el("td", { "data-label": "Attempts" }, String(j.attempts)));
-        tr.append(el("td", { "data-label": "Worker" }, j.worker ? j.worker.replace(/^celery@/, "") : "–"));
+        tr.append(el("td", { "data-label": "Worker", class: "worker" }, j.worker ? j.worker.replace(/^celery@/, "") : "–"));
         const actions = el("td", { class: "actions" });
         if (j.status === "failed" || j.status === "cancelled") {
           const b = el("button", { type: "button", class: "btn small", "aria-label": "Retry job " + j.id }, "Retry");
@@ -166,7 +167,9 @@
       const q = $("#queues");
       q.replaceChildren(...r.data.queues.map((x) => {
         const li = el("li");
-        li.append(el("span", { class: "mono" }, x.name), el("strong", {}, x.depth === null ? (x.error || "unknown") : x.depth + " waiting"));
+        const unacked = x.name.startsWith("unacknowledged");
+        li.append(el("span", { class: "mono" }, x.name), x.depth === null ? el("span", { class: "warn" }, sentence(x.error || "unknown"))
+          : el("strong", {}, x.depth + (unacked ? " held" : " waiting")));
         return li;
       }));
       const w = $("#workers");
@@ -189,7 +192,7 @@
       svg.setAttribute("viewBox", "0 0 " + W + " " + H);
       svg.setAttribute("class", "chart");
       svg.setAttribute("role", "img");
-      const maxJobs = Math.max(1, ...points.map((p) => p.finished));
+      const maxJobs = Math.max(2, Math.ceil(Math.max(...points.map((p) => p.finished)) / 2) * 2);  // even: integer mid tick
       const lats = points.map((p) => p.median_latency_s).filter((x) => x !== null);
       const maxLat = Math.max(1, ...lats);
       const bw = (W - L - R) / points.length;
@@ -265,19 +268,32 @@
       s.textContent = j.status;
       const tl = $("#timeline");
       const d = j.durations || {};
-      const items = [step("Queued", j.created_at, "done", j.queue ? "queue " + j.queue : null)];
-      if (j.dispatched_at) items.push(step("Sent to the workers", j.dispatched_at, "done"));
-      items.push(step("Running", j.started_at, j.started_at ? "done" : "pending",
-        j.started_at ? "waited " + fmtDur(d.waiting_s) + (j.worker ? " · worker " + j.worker : "") : null));
-      if (j.status === "running" && j.heartbeat_at) items.push(step("Last heartbeat", j.heartbeat_at, "pending", j.progress + " % done"));
+      // timestamped events in time order (a retry resets the run's timestamps, so they follow the retry), then
+      // the steps still to come
+      const events = [{ t: j.created_at, li: step("Queued", j.created_at, "done", j.queue ? "queue " + j.queue : null) }];
+      (j.admin_actions || []).forEach((a) => {
+        const was = "was " + a.from_status + (a.previous_attempts ? " after " + a.previous_attempts + " attempt(s)" : "") +
+          (a.previous_worker ? " on " + a.previous_worker : "") + (a.previous_error ? ": " + a.previous_error.slice(0, 240) : "");
+        events.push({ t: a.at, li: step((a.action === "retry" ? "Retried by " : "Cancelled by ") + a.by, a.at,
+          a.action === "retry" ? "done" : "bad", was) });
+      });
+      if (j.dispatched_at) events.push({ t: j.dispatched_at, li: step("Sent to the workers", j.dispatched_at, "done") });
+      const pending = [];
+      const running = step("Running", j.started_at, j.started_at ? "done" : "pending",
+        j.started_at ? "waited " + fmtDur(d.waiting_s) + (j.worker ? " · worker " + j.worker : "") : null);
+      if (j.started_at) events.push({ t: j.started_at, li: running }); else if (j.status !== "cancelled") pending.push(running);
+      if (j.status === "running" && j.heartbeat_at) events.push({ t: j.heartbeat_at, li: step("Last heartbeat", j.heartbeat_at, "pending", j.progress + " % done") });
       const fin = TERMINAL.has(j.status);
-      items.push(step(fin ? "Finished: " + j.status : "Finished", fin ? j.finished_at : null,
+      const finished = step(fin ? "Finished: " + j.status : "Finished", fin ? j.finished_at : null,
         !fin ? "pending" : j.status === "succeeded" ? "done" : "bad",
-        fin ? "ran " + fmtDur(d.running_s) + " · total " + fmtDur(d.total_s) : null));
+        fin ? (j.started_at ? "ran " + fmtDur(d.running_s) + " · " : "") + "total " + fmtDur(d.total_s) : null);
+      if (fin && j.finished_at) events.push({ t: j.finished_at, li: finished }); else pending.push(finished);
+      events.sort((a, b) => new Date(a.t) - new Date(b.t));
+      const items = events.map((e) => e.li).concat(pending);
       tl.replaceChildren(...items);
       const dl = $("#details");
       const kv = [["File", j.input.name || "–"], ["Format", j.input.format + ", " + j.input.width + "×" + j.input.height + " px, " + j.input.size + " bytes"],
-        ["Attempts", String(j.attempts)], ["Worker", j.worker || "–"], ["Queue", j.queue], ["Batch", j.batch_id || "–"],
+        [(j.admin_actions || []).some((a) => a.action === "retry") ? "Attempts since the last retry" : "Attempts", String(j.attempts)], ["Worker", j.worker || "–"], ["Queue", j.queue], ["Batch", j.batch_id || "–"],
         ["Token", j.token || "–"], ["Infected fraction", j.infected_fraction === null ? "–" : (j.infected_fraction * 100).toFixed(2) + " %"],
         ["Updated", fmtTime(j.updated_at)], ["Input SHA-256", j.input.sha256]];
       dl.replaceChildren(...kv.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { class: k === "Input SHA-256" || k === "Batch" ? "mono" : "" }, v)]));

@@ -91,18 +91,21 @@ def test_single_slice_upload_view_toggle_download(page, web_stack, worker):
     natural = page.evaluate("() => [document.getElementById('img-base').naturalWidth, "
                             "document.getElementById('img-base').naturalHeight]")
     assert tuple(natural) == (api_job["input"]["width"], api_job["input"]["height"])
+    page.evaluate("() => document.activeElement.blur()")
     shot(page, "upload-overlay", docs=True)
 
-    # toggle the views with the keyboard-operable radio buttons, and change the opacity
-    page.check("#view-mask")
+    # toggle the views: click the labels (a radio group: the arrow keys work too), and change the opacity
+    page.click("label[for=view-mask]")
     assert page.get_attribute("#img-top", "data-kind") == "mask" and page.is_visible("#img-top")
     page.fill("#opacity", "30")
     assert page.evaluate("() => getComputedStyle(document.getElementById('img-top')).opacity") == "0.3"
     assert page.text_content("#opacity-value") == "30 %"
     shot(page, "upload-mask")
-    page.check("#view-original")
+    page.click("label[for=view-original]")
     assert page.is_hidden("#img-top") and page.get_attribute("#stage", "data-view") == "original"
-    page.check("#view-overlay")
+    page.focus("#view-original")
+    page.keyboard.press("ArrowRight")
+    assert page.is_checked("#view-overlay")
     assert page.get_attribute("#img-top", "data-kind") == "overlay" and page.is_visible("#img-top")
 
     # download the mask: the file is the job's mask PNG (checksum recorded by the worker), at the slice's size

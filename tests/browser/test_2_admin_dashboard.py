@@ -73,8 +73,11 @@ def test_filter_failed_retry_and_job_page(page, web_stack, failed_job, worker):
     page.goto(web_stack.url + "/admin/jobs/" + failed_job["id"])
     page.wait_for_selector("#job-status.succeeded")
     timeline = page.text_content("#timeline")
-    for step in ("Queued", "Running", "Finished: succeeded", "waited", "ran", "total"):
+    for step in ("Queued", f"Retried by {ADMIN_USER}", "was failed after 1 attempt(s)", "NoSuchKey", "Running",
+                 "Finished: succeeded", "waited", "ran", "total"):
         assert step in timeline, (step, timeline)
+    steps = page.eval_on_selector_all("#timeline li strong", "s => s.map(e => e.textContent)")
+    assert steps[0] == "Queued" and steps[1] == f"Retried by {ADMIN_USER}" and steps[-1] == "Finished: succeeded"
     details = page.text_content("#details")
     assert "test-browser@" in details and "covid_0340.png" in details
     assert page.text_content("#job-error").strip() == "–"
