@@ -6,7 +6,7 @@
 * CSRF: every state-changing admin request must carry the session's CSRF token (the `X-CSRF-Token` header from the
   dashboard's JS, or a `csrf_token` form field), and its Origin/Referer, when the browser sends one, must be this
   site. The login form itself uses a double-submit cookie (there is no session yet).
-* Failed logins are throttled per user name and per client address.
+* Failed logins are throttled per user name and (more loosely) per client address, per API process.
 """
 from __future__ import annotations
 
@@ -52,9 +52,12 @@ class LoginThrottle:
         return q
 
     def blocked(self, keys, max_failures: int) -> bool:
+        """A user name is blocked after `max_failures`; a client address only after 4x as many, because a
+        hospital's users often share one address (NAT, proxy) and one person must not lock out everybody."""
         now = time.monotonic()
         with self.lock:
-            return any(len(self._prune(k, now)) >= max_failures for k in keys)
+            return any(len(self._prune(k, now)) >= (max_failures * 4 if k.startswith("addr:") else max_failures)
+                       for k in keys)
 
     def fail(self, keys) -> None:
         now = time.monotonic()

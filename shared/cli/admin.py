@@ -7,7 +7,7 @@
 
 Passwords are hashed with scrypt (shared.admin_users); they are never accepted as a command-line argument (they
 would land in the shell history and in `ps`). The database is COVIDSEG_DATABASE_URL (or --database-url); its
-schema comes from `make migrate`.
+schema comes from `make migrate`. Bad input (existing or unknown name, short password) -> `error: ...`, exit 2.
 """
 from __future__ import annotations
 
@@ -44,16 +44,21 @@ def _session_factory(args):
     return make_sessionmaker(make_engine(url))
 
 
+def _error(message: str):
+    from shared.cli import CLIError
+    return CLIError(message)
+
+
 def _read_password(args) -> str:
     if args.password_stdin:
         line = sys.stdin.readline()
         return line.rstrip("\r\n")
     if not sys.stdin.isatty():
-        raise SystemExit("no terminal to ask for the password: use --password-stdin")
+        raise _error("no terminal to ask for the password: use --password-stdin")
     first = getpass.getpass("Password: ")
     second = getpass.getpass("Password (again): ")
     if first != second:
-        raise SystemExit("the passwords differ")
+        raise _error("the passwords differ")
     return first
 
 
@@ -66,8 +71,7 @@ def _save(args, replace: bool) -> int:
             user = create_admin(session, args.username, password, replace_password=replace)
             session.commit()
     except AdminError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise _error(str(exc)) from None
     print(f"admin {user.username!r} {'password changed' if replace else 'created'}")
     return 0
 
@@ -76,9 +80,7 @@ def _cmd_create(args) -> int:
     from shared.admin_users import get_user
     with _session_factory(args)() as session:
         if get_user(session, args.username) is not None:
-            print(f"error: admin {args.username!r} already exists (use `covidseg admin reset-password`)",
-                  file=sys.stderr)
-            return 1
+            raise _error(f"admin {args.username!r} already exists (use `covidseg admin reset-password`)")
     return _save(args, replace=False)
 
 
@@ -86,8 +88,7 @@ def _cmd_reset(args) -> int:
     from shared.admin_users import get_user
     with _session_factory(args)() as session:
         if get_user(session, args.username) is None:
-            print(f"error: no admin {args.username!r}", file=sys.stderr)
-            return 1
+            raise _error(f"no admin {args.username!r}")
     return _save(args, replace=True)
 
 
@@ -97,8 +98,7 @@ def _cmd_disable(args) -> int:
         ok = disable_admin(session, args.username)
         session.commit()
     if not ok:
-        print(f"error: no admin {args.username!r}", file=sys.stderr)
-        return 1
+        raise _error(f"no admin {args.username!r}")
     print(f"admin {args.username!r} disabled")
     return 0
 
@@ -116,12 +116,9 @@ def _cmd_list(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m shared.cli.admin ...` (the same commands as `covidseg admin ...`)."""
-    p = argparse.ArgumentParser(prog="covidseg")
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = p.parse_args(["admin", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """`python -m shared.cli.admin ...` == `covidseg admin ...` (same parser and error handling)."""
+    from shared.cli import main as cli_main
+    return cli_main(["admin", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

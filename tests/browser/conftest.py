@@ -51,7 +51,7 @@ def web_stack(services_dir, redis_server, s3_server, postgres_server):
     workdir.mkdir(exist_ok=True)
     st = root.Stack("browser", env, workdir, redis_server, s3_server)
     # the real CLI creates the administrator (password on stdin, never on the command line)
-    out = subprocess.run([sys.executable, "-m", "shared.cli.admin", "create", ADMIN_USER, "--password-stdin"],
+    out = subprocess.run([sys.executable, "-m", "shared.cli", "admin", "create", ADMIN_USER, "--password-stdin"],
                          input=ADMIN_PASSWORD + "\n", text=True, capture_output=True, cwd=REPO,
                          env=localstack.service_env(env), timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,7 +1,6 @@
 """Admin dashboard back end through the Flask test client: login, sessions, CSRF, admin API, CLI."""
 from __future__ import annotations
 
-import argparse
 import io
 import re
 from datetime import timedelta
@@ -82,12 +81,24 @@ def test_login_form_needs_its_csrf_token(client):
     assert r.status_code == 400
 
 
-def test_failed_logins_are_throttled(client):
+def test_failed_logins_are_throttled(client, svc):
+    from shared import admin_users
+    with svc.Session() as session:
+        if admin_users.get_user(session, "frank") is None:
+            admin_users.create_admin(session, "frank", "franks long password")
+            session.commit()
     for _ in range(5):
         assert login(client, password="not the password").status_code == 401
     r = login(client)   # even the right password, for a while
     assert r.status_code == 429
     assert "Too many failed logins" in r.get_data(as_text=True)
+    # another admin behind the same address (a hospital proxy) can still log in ...
+    assert login(client, "frank", "franks long password").status_code == 303
+    # ... until the address itself has failed 4x as often
+    other = client.application.test_client()
+    for i in range(15):
+        assert login(other, f"guess{i}", "not the password").status_code == 401
+    assert login(other, "frank", "franks long password").status_code == 429
 
 
 def test_next_parameter_is_not_an_open_redirect(client):
@@ -288,12 +299,10 @@ def test_upload_page_has_labels_for_every_control(client):
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
 def _cli(argv, stdin_text, monkeypatch, capsys):
-    from shared.cli import admin as admin_cli
-    parser = argparse.ArgumentParser(prog="covidseg")
-    admin_cli.register(parser.add_subparsers(dest="command"))
+    """`covidseg ...` in-process: the console script's own entry point and error handling."""
+    from shared.cli import main
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin_text))
-    args = parser.parse_args(argv)
-    rc = args.func(args)
+    rc = main(argv)
     out = capsys.readouterr()
     return rc, out.out + out.err
 
@@ -306,9 +315,9 @@ def test_cli_admin_create_list_reset(web_settings, svc, monkeypatch, capsys):
     assert rc == 0 and "created" in out
     rc, out = _cli(["admin", *url, "create", "carol", "--password-stdin"], "a password long enough\n",
                    monkeypatch, capsys)
-    assert rc == 1 and "already exists" in out
+    assert rc == 2 and "error: admin 'carol' already exists" in out
     rc, out = _cli(["admin", *url, "create", "dave", "--password-stdin"], "short\n", monkeypatch, capsys)
-    assert rc == 1 and "at least 12 characters" in out
+    assert rc == 2 and "at least 12 characters" in out and "Traceback" not in out
     rc, out = _cli(["admin", *url, "list"], "", monkeypatch, capsys)
     assert "carol\tactive" in out and "dave" not in out
     rc, out = _cli(["admin", *url, "reset-password", "carol", "--password-stdin"], "the new password 42\n",
@@ -319,5 +328,9 @@ def test_cli_admin_create_list_reset(web_settings, svc, monkeypatch, capsys):
         assert admin_users.authenticate(session, "carol", "a password long enough") is None
     rc, out = _cli(["admin", *url, "disable", "carol"], "", monkeypatch, capsys)
     assert rc == 0
+    rc, out = _cli(["admin", *url, "disable", "nobody"], "", monkeypatch, capsys)
+    assert rc == 2 and "no admin 'nobody'" in out
+    rc, out = _cli(["admin", *url, "create", "erin"], "", monkeypatch, capsys)   # no terminal, no --password-stdin
+    assert rc == 2 and "--password-stdin" in out
     rc, out = _cli(["admin", *url, "list"], "", monkeypatch, capsys)
     assert "carol\tdisabled" in out
