@@ -23,3 +23,42 @@ def dice_iou_counts(pred, target) -> tuple[float, float]:
     if denom == 0:
         return 1.0, 1.0
     return 2 * tp / denom, tp / (tp + fp + fn)
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def image_scores(name: str, pred, target) -> dict:
+    """Per-image record: name, dice, iou, sensitivity, specificity (None when undefined), tp/fp/fn/tn, pixels."""
+    tp, fp, fn, tn = confusion_counts(pred, target)
+    dice, iou = dice_iou_counts(pred, target)
+    return {"name": name, "dice": dice, "iou": iou, "sensitivity": _ratio(tp, tp + fn),
+            "specificity": _ratio(tn, tn + fp), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "pixels": tp + fp + fn + tn}
+
+
+def aggregate(per_image: list[dict]) -> dict:
+    """Evaluation summary from `image_scores` records.
+
+    - mean_dice / mean_iou: mean of the per-image values (an image with empty mask and empty prediction is 1.0).
+    - global_dice / global_iou: from the pixel counts summed over all images (big lesions weigh more).
+    - sensitivity = sum TP / sum (TP + FN); specificity = sum TN / sum (TN + FP) (pixel level, summed counts);
+      None when undefined (no positive / no negative pixel at all).
+    """
+    n = len(per_image)
+    tp = sum(r["tp"] for r in per_image)
+    fp = sum(r["fp"] for r in per_image)
+    fn = sum(r["fn"] for r in per_image)
+    tn = sum(r["tn"] for r in per_image)
+    gd = 2 * tp + fp + fn
+    return {
+        "n_images": n,
+        "mean_dice": float(np.mean([r["dice"] for r in per_image])) if n else None,
+        "global_dice": (2 * tp / gd if gd else 1.0) if n else None,
+        "mean_iou": float(np.mean([r["iou"] for r in per_image])) if n else None,
+        "global_iou": (tp / (tp + fp + fn) if (tp + fp + fn) else 1.0) if n else None,
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    }
