@@ -35,6 +35,10 @@ test-core: setup
 test-service: setup
 	$(PY) -m pytest -q tests/service $(PYTEST_ARGS)
 
+## test-web: web interface + admin dashboard (Flask test client; headless Chromium against the real stack)
+test-web: setup
+	$(PY) -m pytest -q tests/web tests/browser $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) -m shared.cli bench --json artifacts/bench.json
 	$(MAKE) --no-print-directory bench-service
