@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_token, services
@@ -181,34 +181,43 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
                  for jid, c in zip(ids, checked)],
         "links": {"batch": url_for("v1.get_batch", batch_id=batch_id)} if batch_id else {},
     }
-    with svc.Session() as session:
-        if batch_id:
-            session.add(db.Batch(id=batch_id, token_id=g.token_id, created_at=now, total=len(ids), queue=queue))
-        for pos, (jid, c, sha) in enumerate(zip(ids, checked, shas)):
-            session.add(db.Job(id=jid, token_id=g.token_id, batch_id=batch_id, position=pos, status=db.QUEUED,
-                               queue=queue, progress=0, attempts=0, created_at=now, updated_at=now,
-                               input_key=input_key(jid), input_sha256=sha, input_size=len(c.data),
-                               input_format=c.fmt, width=c.width, height=c.height, original_name=c.name))
-        if idem_key:
-            session.add(db.IdempotencyKey(token_id=g.token_id, key=idem_key, fingerprint=fingerprint,
-                                          status_code=202, response=json.dumps(body), created_at=now))
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            for jid in ids:   # a concurrent request with the same key won: undo our uploads, replay its answer
-                try:
-                    svc.storage.client.remove_object(svc.storage.bucket, input_key(jid))
-                except Exception:  # noqa: BLE001
-                    pass
-            replay = _idempotent_replay(idem_key, fingerprint) if idem_key else None
-            if replay is None:
-                raise
-            return replay
+    job_rows = [dict(id=jid, token_id=g.token_id, batch_id=batch_id, position=pos, status=db.QUEUED, queue=queue,
+                     progress=0, attempts=0, created_at=now, updated_at=now, dispatched_at=now,
+                     input_key=input_key(jid), input_sha256=sha, input_size=len(c.data), input_format=c.fmt,
+                     width=c.width, height=c.height, original_name=c.name)
+                for pos, (jid, c, sha) in enumerate(zip(ids, checked, shas))]
     try:
-        dispatch(svc.celery, svc.Session, [(jid, queue, batch_id) for jid in ids], s)
+        # Core INSERTs in one transaction (no ORM unit of work: the submit path stays cheap)
+        with svc.engine.begin() as conn:
+            if batch_id:
+                conn.execute(insert(db.Batch), [dict(id=batch_id, token_id=g.token_id, created_at=now,
+                                                     total=len(ids), queue=queue)])
+            conn.execute(insert(db.Job), job_rows)
+            if idem_key:
+                conn.execute(insert(db.IdempotencyKey), [dict(token_id=g.token_id, key=idem_key,
+                                                              fingerprint=fingerprint, status_code=202,
+                                                              response=json.dumps(body), created_at=now)])
+    except IntegrityError:
+        for jid in ids:   # a concurrent request with the same key won: undo our uploads, replay its answer
+            try:
+                svc.storage.client.remove_object(svc.storage.bucket, input_key(jid))
+            except Exception:  # noqa: BLE001
+                pass
+        replay = _idempotent_replay(idem_key, fingerprint) if idem_key else None
+        if replay is None:
+            raise
+        return replay
+    try:
+        dispatch(svc.celery, svc.Session, [(jid, queue, batch_id) for jid in ids], s, mark=False)
     except Exception as exc:  # noqa: BLE001 - broker down: the jobs are stored; the sweep publishes them
         log.warning("publish failed (%s); jobs stay queued for the sweep", exc)
+        try:
+            with svc.Session() as session:
+                session.execute(update(db.Job).where(db.Job.id.in_(ids), db.Job.status == db.QUEUED)
+                                .values(dispatched_at=None))
+                session.commit()
+        except Exception:  # noqa: BLE001 - then the sweep's lost-message check finds them after dispatch_grace
+            pass
     return 202, body
 
 

@@ -77,7 +77,7 @@ def chunk_jobs(jobs, size: int):
     return out
 
 
-def dispatch(app: Celery, session_factory, jobs, settings: Settings | None = None) -> int:
+def dispatch(app: Celery, session_factory, jobs, settings: Settings | None = None, mark: bool = True) -> int:
     """Publish process messages for `jobs` ([(job_id, queue, batch_id)]) and record `dispatched_at`.
 
     Raises kombu/redis errors when the broker is unreachable; the jobs then stay queued with dispatched_at NULL
@@ -88,9 +88,11 @@ def dispatch(app: Celery, session_factory, jobs, settings: Settings | None = Non
     s = settings or app.conf.covidseg_settings
     sent = 0
     for queue, ids in chunk_jobs(jobs, s.infer_batch_size):
-        app.send_task(PROCESS_TASK, kwargs={"job_ids": ids}, queue=queue, routing_key=queue,
-                      exchange="covidseg")
-        with session_factory() as session:
-            mark_dispatched(session, ids)
+        # Published through the default (direct-to-queue) exchange: delivery does not depend on exchange
+        # bindings stored in Redis, which a Redis restart without persistence loses until a worker redeclares.
+        app.send_task(PROCESS_TASK, kwargs={"job_ids": ids}, queue=Queue(queue, Exchange(""), routing_key=queue))
+        if mark:   # (the API sets dispatched_at in its INSERT already: one round trip less per upload)
+            with session_factory() as session:
+                mark_dispatched(session, ids)
         sent += len(ids)
     return sent

@@ -86,6 +86,9 @@ def make_test_env(database_url: str, redis_url: str, s3_endpoint: str, bucket: s
         "COVIDSEG_PREDICT_TIMEOUT": "150", "COVIDSEG_API_WORKERS": "2", "COVIDSEG_API_THREADS": "8",
         "COVIDSEG_TOKEN_CACHE_SECONDS": "2", "COVIDSEG_TF_THREADS": "2", "COVIDSEG_INFER_BATCH_SIZE": "8",
         "COVIDSEG_LOG_LEVEL": "INFO",
+        # fp32 Keras: no one-off INT8 conversion (minutes on a fresh machine) before the first job;
+        # the INT8 path is the core suite's business (tests/core)
+        "COVIDSEG_INFERENCE_BACKEND": "fp32",
     }
     env.update({f"COVIDSEG_{k.upper()}": str(v) for k, v in extra.items()})
     return env
@@ -175,6 +178,10 @@ class Stack:
             out.append(f"--- {p.name}\n" + "\n".join(lines))
         return "\n".join(out)
 
+    def redis_server_client(self):
+        import redis
+        return redis.Redis.from_url(self.settings.broker_url, socket_timeout=5)
+
     # --- worker ------------------------------------------------------------------------------------------------
     def ensure_worker(self, timeout=240.0):
         if self.worker is not None and self.worker.poll() is None:
@@ -196,6 +203,27 @@ class Stack:
             os.killpg(self.worker.pid, sig)
             self.worker.wait(30)
         self.worker = None
+
+    def _control(self):
+        from shared.celery_app import make_celery
+        if not hasattr(self, "_celery"):
+            self._celery = make_celery(self.settings)
+        return self._celery.control
+
+    def pause_queues(self):
+        """Make the running worker stop consuming (cheaper than a restart, which reloads the model)."""
+        import socket
+        dest = [f"test-{self.backend}@{socket.gethostname()}"]
+        for q in self.settings.queues:
+            replies = self._control().cancel_consumer(q, destination=dest, reply=True, timeout=10)
+            assert replies, f"worker did not answer cancel_consumer\n{self.tail_logs()}"
+
+    def resume_queues(self):
+        import socket
+        dest = [f"test-{self.backend}@{socket.gethostname()}"]
+        for q in self.settings.queues:
+            replies = self._control().add_consumer(q, destination=dest, reply=True, timeout=10)
+            assert replies, f"worker did not answer add_consumer\n{self.tail_logs()}"
 
     def stop_worker(self):
         localstack.stop_process(self.worker, signal.SIGTERM, timeout=60)

@@ -18,7 +18,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from shared import db
 from shared.celery_app import dispatch
@@ -90,6 +90,10 @@ def sweep(settings: Settings, session_factory, celery_app, redis_client=None) ->
             report["republished_lost"] = [r[0] for r in lost]
     if todo:
         dispatch(celery_app, session_factory, todo, settings)
+    with session_factory() as session:   # retention of Idempotency-Key records
+        session.execute(delete(db.IdempotencyKey).where(
+            db.IdempotencyKey.created_at < now - timedelta(hours=settings.idempotency_ttl_hours)))
+        session.commit()
     if any(report.values()):
         log.warning("sweep: %s", {k: len(v) for k, v in report.items()})
     return report

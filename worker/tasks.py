@@ -55,8 +55,11 @@ class _Resources:
                     tf.config.threading.set_intra_op_parallelism_threads(s.tf_threads)
                     tf.config.threading.set_inter_op_parallelism_threads(max(1, s.tf_threads // 2))
                 from shared.inference import Segmenter
-                self.segmenter = Segmenter(weights=s.weights or None, backend=s.inference_backend)
-                log.info("model loaded in process %s (backend %s)", os.getpid(), s.inference_backend)
+                self.segmenter = Segmenter(weights=s.weights or None, backend=s.inference_backend,
+                                           batch_size=s.infer_batch_size, threads=s.tf_threads or None,
+                                           log=log.info)
+                log.info("model loaded in process %s: %s", os.getpid(),
+                         {k: v for k, v in self.segmenter.describe().items() if k != "int8_check"})
             return self.segmenter
 
 

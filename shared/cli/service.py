@@ -96,8 +96,8 @@ def _token_revoke(args) -> int:
                             .values(revoked_at=utcnow())).rowcount
         session.commit()
     if not n:
-        print(f"no active token {args.token!r}", file=sys.stderr)
-        return 1
+        from shared.cli import CLIError
+        raise CLIError(f"no active token {args.token!r}")
     print(f"revoked {n} token(s)")
     return 0
 

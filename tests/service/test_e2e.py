@@ -102,3 +102,26 @@ def test_batch_of_20_reaches_100_percent(stack, slice_paths):
     for j in listed[:3]:
         assert _png_size(requests.get(j["results"]["overlay"]["url"], timeout=30).content) == \
             (j["input"]["width"], j["input"]["height"])
+
+
+def test_token_cli_create_list_revoke(stack):
+    import subprocess
+    import sys
+    import time
+
+    import localstack
+    env = localstack.service_env(stack.env)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "shared.cli", *a], env=env, cwd=localstack.REPO,  # noqa
+                                    capture_output=True, text=True, timeout=120)
+    made = run("token", "create", "--name", "revoke-me", "--quiet")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    h = {"Authorization": f"Bearer {token}"}
+    assert requests.get(stack.url + "/api/v1/jobs", headers=h, timeout=30).status_code == 200
+    listed = run("token", "list")
+    assert "revoke-me" in listed.stdout and token not in listed.stdout      # only the prefix is shown
+    assert run("token", "revoke", token[:10]).returncode == 0
+    assert run("token", "revoke", token[:10]).returncode == 2                 # already revoked: an error
+    time.sleep(stack.settings.token_cache_seconds + 0.5)
+    r = requests.get(stack.url + "/api/v1/jobs", headers=h, timeout=30)
+    assert r.status_code == 401 and r.json()["code"] == "invalid_token"

@@ -113,13 +113,18 @@ def test_s3_down_submission_refused_cleanly(stack, slice_paths):
 
 
 def test_cancel_and_retry(stack, slice_paths):
-    stack.stop_worker()                      # keep the job queued while we cancel it
-    jid = stack.submit([slice_paths[0]]).json()["jobs"][0]["id"]
-    r = stack.post(f"/api/v1/jobs/{jid}/cancel")
-    assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    assert stack.post(f"/api/v1/jobs/{jid}/cancel").status_code == 200        # idempotent
     stack.ensure_worker()
-    time.sleep(3)                                                              # its message is consumed: no-op
+    stack.pause_queues()                     # keep the job queued while we cancel it
+    try:
+        jid = stack.submit([slice_paths[0]]).json()["jobs"][0]["id"]
+        r = stack.post(f"/api/v1/jobs/{jid}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        assert stack.post(f"/api/v1/jobs/{jid}/cancel").status_code == 200    # idempotent
+    finally:
+        stack.resume_queues()
+    _wait_for(lambda: not stack.redis_server_client().llen(stack.settings.queue_interactive), 30,
+              "the cancelled job's message consumed", stack)
+    time.sleep(1)                                                              # consumed as a no-op
     assert stack.get(f"/api/v1/jobs/{jid}").json()["status"] == "cancelled"
     assert _result_keys(stack, jid) == []
     r = stack.post(f"/api/v1/jobs/{jid}/retry")
