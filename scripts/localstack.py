@@ -341,7 +341,13 @@ def ensure_bucket(settings_env: dict) -> None:
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_run(args) -> int:
+    signal.signal(signal.SIGINT, _interrupt)    # also when started in the background (SIGINT inherited ignored)
+    signal.signal(signal.SIGTERM, _interrupt)
     var = (REPO / "var").resolve()
     var.mkdir(exist_ok=True)
     redis = RedisServer(var / "redis").start()
@@ -374,10 +380,12 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        stop_process(api)
-        stop_process(worker)
-        weed.stop()
-        redis.stop()
+        print("stopping ...", flush=True)
+        for stop in (lambda: stop_process(api), lambda: stop_process(worker), weed.stop, redis.stop):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - stop the rest anyway
+                print(f"warning: {exc}", file=sys.stderr)
 
 
 def cmd_up(args) -> int:
