@@ -73,6 +73,7 @@ def test_single_slice_upload_view_toggle_download(page, web_stack, worker):
     page.wait_for_selector("#files li[data-status='succeeded']", timeout=120_000)
     page.wait_for_selector("#img-top[data-kind='overlay']:not([hidden])")
     page.wait_for_function("() => document.getElementById('img-top').naturalWidth > 0")
+    assert page.text_content("#announce") == "covid_0300.png: succeeded."   # one polite announcement
     uploads = [t for t in page.evaluate("() => window.__pct") if t.startswith("Upload")]
     assert "Upload 100 %" in uploads, uploads                       # XHR upload progress events were shown
     job_id = row.get_attribute("data-job-id")
@@ -184,6 +185,13 @@ def test_api_errors_are_plain_sentences(page, web_stack):
     assert text == ("The file was not uploaded. File #1 (notes.png) is not a PNG, JPEG, TIFF or DICOM image "
                     "(type is read from the content).")
     assert page.text_content("#files li .badge") == "not uploaded"
+    # too large for the server's limit (4 MB in this stack): refused before sending anything
+    requests_seen = []
+    page.on("request", lambda req: requests_seen.append(req.url) if req.method == "POST" else None)
+    page.set_input_files("#file-input", files=[{"name": "huge.png", "mimeType": "image/png",
+                                                "buffer": b"\x89PNG" + b"0" * (5 * 1024 * 1024)}])
+    page.wait_for_selector("#files li .err:has-text('huge.png is larger than the 4.0 MB limit')")
+    assert requests_seen == []
     # an unknown job id
     page.fill("#open-id", "0" * 32)
     page.press("#open-id", "Enter")

@@ -162,7 +162,7 @@
     const li = document.createElement("li");
     li.innerHTML = '<span class="name"></span><span class="badge uploading">uploading</span>' +
       '<div class="bar" aria-hidden="true"><span></span></div>' +
-      '<div class="meta"><span class="size"></span><span class="pct" role="status"></span>' +
+      '<div class="meta"><span class="size"></span><span class="pct"></span>' +
       '<span class="frac"></span><button type="button" class="btn small secondary view" hidden>View</button></div>' +
       '<div class="err" role="alert"></div>';
     $(".name", li).textContent = name || "(unnamed)";
@@ -180,9 +180,14 @@
     $(".pct", row.li).textContent = "Upload " + pct + " %";
   }
 
+  const announcer = $("#announce");
+  function announce(text) { announcer.textContent = text; }
+
   function setStatus(row, job) {
+    const was = row.job && row.job.status;
     row.job = Object.assign(row.job || {}, job);
     const st = row.job.status;
+    if (st !== was && TERMINAL.has(st)) announce((row.name || "The slice") + ": " + st + ".");
     const badge = $(".badge", row.li);
     badge.className = "badge " + st;
     badge.textContent = st;
@@ -241,8 +246,15 @@
     }
     if (!good.length) return;
     const batchRows = good.map((f) => makeRow(f.name, f.size, f));
-    const key = (crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()).replace(/[^\x21-\x7e]/g, "");
-    send(good, batchRows, key);
+    send(good, batchRows, newKey());
+  }
+
+  /** A random Idempotency-Key. crypto.randomUUID needs HTTPS or localhost; getRandomValues works everywhere. */
+  function newKey() {
+    if (window.crypto && crypto.randomUUID && window.isSecureContext) return crypto.randomUUID();
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
   }
 
   function send(files, batchRows, key) {
