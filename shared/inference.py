@@ -42,7 +42,7 @@ BACKENDS = ("auto", "fp32", "bf16", "int8")
 #: "auto" keeps int8 only when its calibration-set Dice is within this of fp32's.
 AUTO_MAX_DICE_DROP = 0.01
 #: Bump when the conversion recipe changes (invalidates cached .onnx files).
-ONNX_RECIPE = 3
+ONNX_RECIPE = 4
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
@@ -244,8 +244,39 @@ def export_onnx(keras_model, out_path: Path, input_size: int = INPUT_SIZE) -> Pa
     with _quiet_stdout(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=17, output_path=str(tmp))
+    _patch_nearest_resize(tmp)
     os.replace(tmp, out_path)
     return out_path
+
+
+def _patch_nearest_resize(path: Path) -> None:
+    """tf2onnx writes Keras' nearest UpSampling2D as Resize(coordinate_transformation_mode=tf_half_pixel_for_nn),
+    deprecated since opset 13 and a slow path in onnxruntime. For integer scales it equals "asymmetric" +
+    floor exactly (floor((x + 0.5) / s) == floor(x / s) for integer s), so rewrite it to that."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "Resize" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs.get("mode")
+        ctm = attrs.get("coordinate_transformation_mode")
+        scales = numpy_helper.to_array(inits[node.input[2]])
+        if (mode is None or mode.s != b"nearest" or ctm is None or ctm.s != b"tf_half_pixel_for_nn"
+                or not np.all(scales == np.round(scales))):
+            continue
+        ctm.s = b"asymmetric"
+        if "nearest_mode" in attrs:
+            attrs["nearest_mode"].s = b"floor"
+        else:
+            node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
+        changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: np.ndarray) -> Path:
@@ -466,6 +497,8 @@ class Segmenter:
         import cv2
 
         images = list(images)
+        if not images:
+            return []
         bs = int(batch_size or self.batch_size)
         out: list[np.ndarray] = []
         bar = None

@@ -10,6 +10,8 @@ The threshold convention is `prob >= threshold` everywhere (training validation,
 """
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -23,10 +25,16 @@ OVERLAY_FLOOR = 0.2
 OVERLAY_ALPHA = 0.6
 #: BGR colour of the outline drawn around the thresholded mask.
 OUTLINE_BGR = (0, 255, 255)
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+#: the "Up" row filter: ~1.5x faster than libpng's adaptive choice here, files within a few percent
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION] + (
+    [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP] if hasattr(cv2, "IMWRITE_PNG_FILTER_UP") else [])
 
 
 def _encode_png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
@@ -60,25 +68,34 @@ def probability_png(prob) -> bytes:
     return _encode_png(probability_u8(prob))
 
 
+@functools.lru_cache(maxsize=8)
+def _overlay_lut(floor: float, alpha: float) -> np.ndarray:
+    """(256 * 256, 3) uint8 table: row (prob_u8 << 8 | gray) -> blended BGR pixel (one lookup per pixel)."""
+    heat = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, :].astype(np.float32)
+    p = np.arange(256, dtype=np.float32) / 255.0
+    a = np.clip((p - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0) * np.float32(alpha)  # opacity per prob level
+    g = np.arange(256, dtype=np.float32)
+    out = g[None, :, None] + (heat[:, None, :] - g[None, :, None]) * a[:, None, None]  # [prob, gray, channel]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8).reshape(256 * 256, 3)
+
+
 def overlay_image(gray, prob, threshold: float = 0.5, floor: float = OVERLAY_FLOOR,
                   alpha: float = OVERLAY_ALPHA, outline: bool = True) -> np.ndarray:
-    """BGR uint8 image at the slice's size: heatmap over the slice where prob > floor, mask outline on top."""
+    """BGR uint8 image at the slice's size: heatmap over the slice where prob > floor, mask outline on top.
+
+    The heatmap colour is JET(round(prob * 255)); its opacity rises linearly from 0 at `floor` to `alpha` at 1.
+    """
     g = to_gray_uint8(gray)
     p = _prob2d(prob)
     if p.shape != g.shape:
         p = cv2.resize(p, (g.shape[1], g.shape[0]), interpolation=cv2.INTER_LINEAR)
-    base = cv2.cvtColor(g, cv2.COLOR_GRAY2BGR)
-    heat = cv2.applyColorMap(probability_u8(p), cv2.COLORMAP_JET)
-    # opacity rises linearly from 0 at the floor to `alpha` at probability 1
-    a = np.clip((p - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0) * np.float32(alpha)
-    out = base.astype(np.float32)
-    out += (heat.astype(np.float32) - out) * a[..., None]
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    idx = (probability_u8(p).astype(np.uint32) << 8) | g
+    out = _overlay_lut(float(floor), float(alpha))[idx]
     if outline:
         m = (p >= threshold).astype(np.uint8)
         if m.any():
-            contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(out, contours, -1, OUTLINE_BGR, 1, lineType=cv2.LINE_8)
+            edge = m & ~cv2.erode(m, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+            out[edge.astype(bool)] = OUTLINE_BGR
     return out
 
 

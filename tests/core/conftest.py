@@ -19,6 +19,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
+#: the user's persistent cache (before the session isolates it): trained-weights tests reuse built INT8 models
+PERSISTENT_CACHE = os.environ.get("COVIDSEG_CACHE_DIR") or str(Path.home() / ".cache" / "covidseg")
 
 
 def pytest_configure(config):

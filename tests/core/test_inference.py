@@ -134,14 +134,14 @@ def test_wrong_architecture_keras_file_is_a_weights_error(tmp_path):
 
 @pytest.mark.trained
 def test_trained_weights_int8_dice_within_001_of_fp32(fixture_pairs):
-    from .conftest import trained_weights
+    from .conftest import PERSISTENT_CACHE, trained_weights
 
     if not trained_weights():
         pytest.skip("the shipped weights are the random-init placeholder")
     from shared.metrics import dice_iou_counts
 
     fp32 = Segmenter(backend="fp32", log=None)
-    int8 = Segmenter(backend="int8", log=None)
+    int8 = Segmenter(backend="int8", cache_root=PERSISTENT_CACHE, log=None)  # built once, then cached
     imgs = [img for _, img, _ in fixture_pairs]
     d = {}
     for name, seg in (("fp32", fp32), ("int8", int8)):
@@ -149,3 +149,24 @@ def test_trained_weights_int8_dice_within_001_of_fp32(fixture_pairs):
                            for p, (_, _, m) in zip(seg.predict(imgs), fixture_pairs)])
     assert d["fp32"] > 0.4
     assert abs(d["int8"] - d["fp32"]) <= 0.01
+
+
+def test_onnx_export_matches_keras_with_upsampling(tmp_path):
+    """The exported graph (with the nearest-Resize rewrite) computes what Keras computes."""
+    import onnx
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    keras = tf.keras
+    inp = keras.Input((448, 448, 1))
+    d = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    u = keras.layers.UpSampling2D(2)(keras.layers.MaxPooling2D(2)(d))
+    out = keras.layers.Conv2D(1, 1, activation="sigmoid")(keras.layers.Concatenate()([d, u]))
+    m = keras.Model(inp, out)
+    path = inference.export_onnx(m, tmp_path / "m.onnx")
+    modes = [a.s for n in onnx.load(str(path)).graph.node if n.op_type == "Resize" for a in n.attribute
+             if a.name == "coordinate_transformation_mode"]
+    assert modes == [b"asymmetric"]
+    x = np.random.default_rng(0).random((2, 448, 448, 1), dtype=np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.allclose(got, m.predict(x, verbose=0), atol=1e-5)
