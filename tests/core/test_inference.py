@@ -102,16 +102,10 @@ def seed_model():
     return sm.Unet("resnet34", input_shape=(448, 448, 1), encoder_weights=None)
 
 
-@pytest.mark.parametrize("save", ["save_weights", "model.save"])
-def test_seed_weights_match_keras_predict(tmp_path, fixture_pairs, seed_model, save):
+def test_seed_weights_match_keras_predict(tmp_path, fixture_pairs, seed_model):
     """A predecessor file (Unet('resnet34', input_shape=(448,448,1)), Keras HDF5) with raw 0..255 INTER_AREA input."""
     path = tmp_path / "seed.hdf5"
-    if save == "save_weights":
-        seed_model.save_weights(str(path))
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "HDF5 is legacy": that is the point
-            seed_model.save(str(path))
+    seed_model.save_weights(str(path))
     seg = Segmenter(weights=path, backend="fp32", preprocessing="seed", log=None)
     assert seg.weights_format == "keras"
     img = fixture_pairs[5][1]  # a MedSeg slice of its own size (385x433)
@@ -121,6 +115,18 @@ def test_seed_weights_match_keras_predict(tmp_path, fixture_pairs, seed_model, s
     ref = cv2.resize(ref, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
     assert ours.shape == img.shape and ours.std() > 0
     assert np.allclose(ours, ref, rtol=0, atol=1e-5)
+    # the predecessor may also have used model.save(): the same weights load from that file
+    full = tmp_path / "seed_full.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "HDF5 is legacy": that is the point
+        seed_model.save(str(full))
+    assert inference.inspect_weights(full)["format"] == "keras"
+    model = seg.keras_model()
+    model.set_weights([np.zeros_like(w) for w in model.get_weights()])
+    from shared.model import load_weights
+
+    load_weights(model, full)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), seed_model.get_weights()))
 
 
 def test_wrong_architecture_keras_file_is_a_weights_error(tmp_path):
