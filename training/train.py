@@ -188,7 +188,7 @@ def run(args) -> int:
     if not log_path.exists():
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
-    best = state.get("best_score", -1.0)
+    best = state.get("best_score", -math.inf)  # scores can be < -1 (-loss when there is no validation set)
     t_run = state.get("train_seconds", 0.0)
     gen = batches(train_arr, args, rng)
     crop = args.crop or INPUT_SIZE
