@@ -98,6 +98,10 @@ def _new_page(browser, request, viewport):
     ctx = browser.new_context(viewport=viewport, accept_downloads=True, locale="en-GB", timezone_id="UTC")
     ctx.set_default_timeout(20_000)
     page = ctx.new_page()
+    # Playwright turns on file-chooser interception asynchronously when the first `filechooser` listener is
+    # added; an `expect_file_chooser` whose action runs at once can race it (the chooser then opens natively and
+    # no event comes). A listener from the start keeps interception on for the page's whole life.
+    page.on("filechooser", lambda chooser: None)
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.js_errors = errors

@@ -161,10 +161,17 @@ def test_batch_by_keyboard_on_a_phone(phone_page, web_stack, worker):
     page.wait_for_selector("#img-top:not([hidden])")
     no_horizontal_overflow(page)
     shot(page, "upload-phone", docs=True, full_page=True)
-    # Space also opens the picker
+    # Space also opens the picker; other keys do not
     page.focus("#dropzone")
-    with page.expect_file_chooser():
+    with page.expect_file_chooser() as fc:
         page.keyboard.press(" ")
+    fc.value.set_files([])                                      # the user cancels: nothing is sent
+    page.evaluate("() => { window.__picks = 0; document.getElementById('file-input')"
+                  ".addEventListener('click', () => window.__picks++); }")
+    page.keyboard.press("a")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => window.__picks") == 0
+    assert page.locator("#files li").count() == 2
     # the viewer's controls are reachable by Tab
     page.focus("#opacity")
     seen = []

@@ -53,6 +53,7 @@ def test_filter_failed_retry_and_job_page(page, web_stack, failed_job, worker):
     statuses = page.eval_on_selector_all("#jobs-body tr", "rows => rows.map(r => r.dataset.status)")
     assert statuses and set(statuses) == {"failed"}
     assert "NoSuchKey" in row.text_content() or "gave up" in row.text_content()
+    no_horizontal_overflow(page)
     shot(page, "admin-dashboard", docs=True)
     # search by id prefix finds it too
     page.fill("#f-q", failed_job["id"][:12])
@@ -84,6 +85,7 @@ def test_filter_failed_retry_and_job_page(page, web_stack, failed_job, worker):
     page.wait_for_selector("#result-panel:not([hidden])")
     page.wait_for_function("() => document.getElementById('job-overlay').naturalWidth > 0")
     assert page.is_hidden("#job-retry") and page.is_hidden("#job-cancel")
+    no_horizontal_overflow(page)
     shot(page, "admin-job", docs=True, full_page=True)
 
     # logging out ends the session
