@@ -276,9 +276,15 @@ def service_env(settings_env: dict, extra: dict | None = None) -> dict:
     return env
 
 
-def migrate(database_url: str) -> None:
-    subprocess.run([str(VENV_BIN / "alembic"), "-c", str(REPO / "alembic.ini"), "-x", f"url={database_url}",
-                    "upgrade", "head"], check=True, cwd=REPO, env=service_env({}))
+def migrate(database_url: str, revision: str = "head", downgrade: bool = False) -> None:
+    """alembic upgrade head (or downgrade) on `database_url`, in this process (no interpreter start-up)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(REPO / "alembic.ini"))
+    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    cfg.attributes["configure_logger"] = False
+    (command.downgrade if downgrade else command.upgrade)(cfg, revision)
 
 
 def create_token(settings_env: dict, name: str) -> str:

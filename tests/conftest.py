@@ -204,27 +204,6 @@ class Stack:
             self.worker.wait(30)
         self.worker = None
 
-    def _control(self):
-        from shared.celery_app import make_celery
-        if not hasattr(self, "_celery"):
-            self._celery = make_celery(self.settings)
-        return self._celery.control
-
-    def pause_queues(self):
-        """Make the running worker stop consuming (cheaper than a restart, which reloads the model)."""
-        import socket
-        dest = [f"test-{self.backend}@{socket.gethostname()}"]
-        for q in self.settings.queues:
-            replies = self._control().cancel_consumer(q, destination=dest, reply=True, timeout=10)
-            assert replies, f"worker did not answer cancel_consumer\n{self.tail_logs()}"
-
-    def resume_queues(self):
-        import socket
-        dest = [f"test-{self.backend}@{socket.gethostname()}"]
-        for q in self.settings.queues:
-            replies = self._control().add_consumer(q, destination=dest, reply=True, timeout=10)
-            assert replies, f"worker did not answer add_consumer\n{self.tail_logs()}"
-
     def stop_worker(self):
         localstack.stop_process(self.worker, signal.SIGTERM, timeout=60)
         self.worker = None

@@ -65,12 +65,9 @@ def test_alembic_schema_matches_models_and_downgrades(engine):
     assert {"ix_jobs_status_created", "ix_jobs_token_seq", "ix_jobs_batch_status", "ix_jobs_status_heartbeat"} <= \
         {ix["name"] for ix in insp.get_indexes("jobs")}
     import localstack
-    import subprocess
     url = engine.url.render_as_string(hide_password=False)
-    subprocess.run([str(localstack.VENV_BIN / "alembic"), "-c", str(localstack.REPO / "alembic.ini"),
-                    "-x", f"url={url}", "downgrade", "base"], check=True, cwd=localstack.REPO,
-                   env=localstack.service_env({}))
     engine.dispose()
+    localstack.migrate(url, "base", downgrade=True)
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     localstack.migrate(url)
     assert {"jobs", "batches", "api_tokens", "idempotency_keys"} <= set(inspect(engine).get_table_names())

@@ -31,6 +31,24 @@ def _result_keys(stack, job_id):
     return sorted(stack.storage.list_keys(f"results/{job_id}/"))
 
 
+def test_cancel_and_retry(stack, slice_paths):
+    stack.stop_worker()                      # keep the job queued while we cancel it
+    jid = stack.submit([slice_paths[0]]).json()["jobs"][0]["id"]
+    r = stack.post(f"/api/v1/jobs/{jid}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert stack.post(f"/api/v1/jobs/{jid}/cancel").status_code == 200        # idempotent
+    stack.ensure_worker()
+    _wait_for(lambda: not stack.redis_server_client().llen(stack.settings.queue_interactive), 30,
+              "the cancelled job's message consumed", stack)
+    time.sleep(1)                                                              # consumed as a no-op
+    assert stack.get(f"/api/v1/jobs/{jid}").json()["status"] == "cancelled"
+    assert _result_keys(stack, jid) == []
+    r = stack.post(f"/api/v1/jobs/{jid}/retry")
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "succeeded")
+    job = stack.wait_job(jid)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+
+
 def test_kill_9_worker_mid_job_and_lost_messages(stack, slice_paths):
     stack.ensure_worker()
     r = stack.submit([slice_paths[i % len(slice_paths)] for i in range(8)])   # one message, one model call
@@ -112,33 +130,14 @@ def test_s3_down_submission_refused_cleanly(stack, slice_paths):
     assert stack.wait_job(r.json()["jobs"][0]["id"], timeout=180)["status"] == "succeeded"
 
 
-def test_cancel_and_retry(stack, slice_paths):
-    stack.ensure_worker()
-    stack.pause_queues()                     # keep the job queued while we cancel it
-    try:
-        jid = stack.submit([slice_paths[0]]).json()["jobs"][0]["id"]
-        r = stack.post(f"/api/v1/jobs/{jid}/cancel")
-        assert r.status_code == 200 and r.json()["status"] == "cancelled"
-        assert stack.post(f"/api/v1/jobs/{jid}/cancel").status_code == 200    # idempotent
-    finally:
-        stack.resume_queues()
-    _wait_for(lambda: not stack.redis_server_client().llen(stack.settings.queue_interactive), 30,
-              "the cancelled job's message consumed", stack)
-    time.sleep(1)                                                              # consumed as a no-op
-    assert stack.get(f"/api/v1/jobs/{jid}").json()["status"] == "cancelled"
-    assert _result_keys(stack, jid) == []
-    r = stack.post(f"/api/v1/jobs/{jid}/retry")
-    assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "succeeded")
-    job = stack.wait_job(jid)
-    assert job["status"] == "succeeded" and job["attempts"] == 1
-
-
 def test_undecodable_upload_fails_its_job_only(stack, slice_paths):
     """Passes the API's structural checks (valid chunks and CRCs) but the pixel data is not zlib: the worker
     fails that job with an error and keeps serving."""
     import struct
     import zlib
-    from tests.service.test_bad_requests import _chunk
+
+    def _chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
     poison = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"definitely not zlib" * 10) + \
         _chunk(b"IEND", b"")
@@ -151,4 +150,3 @@ def test_undecodable_upload_fails_its_job_only(stack, slice_paths):
     good = stack.submit([slice_paths[0]]).json()["jobs"][0]["id"]
     assert stack.wait_job(good)["status"] == "succeeded"
     assert stack.worker.poll() is None
-    assert zlib  # (imported for clarity of the poison's construction)
