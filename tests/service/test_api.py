@@ -5,24 +5,27 @@ from __future__ import annotations
 import requests
 
 
-def test_token_cli_create_list_revoke(stack):
-    import subprocess
-    import sys
+def test_token_cli_create_list_revoke(stack, monkeypatch, capsys):
+    """`covidseg token create|list|revoke` (shared.cli.service, run in-process against the stack's database)."""
     import time
 
-    import localstack
-    env = localstack.service_env(stack.env)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "shared.cli", *a], env=env, cwd=localstack.REPO,  # noqa
-                                    capture_output=True, text=True, timeout=120)
-    made = run("token", "create", "--name", "revoke-me", "--quiet")
-    assert made.returncode == 0, made.stderr
-    token = made.stdout.strip()
+    from shared.cli import CLIError
+    from shared.cli.service import main
+    for k, v in stack.env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["token", "create", "--name", "revoke-me", "--quiet"]) == 0
+    token = capsys.readouterr().out.strip()
     h = {"Authorization": f"Bearer {token}"}
     assert requests.get(stack.url + "/api/v1/jobs", headers=h, timeout=30).status_code == 200
-    listed = run("token", "list")
-    assert "revoke-me" in listed.stdout and token not in listed.stdout      # only the prefix is shown
-    assert run("token", "revoke", token[:10]).returncode == 0
-    assert run("token", "revoke", token[:10]).returncode == 2                 # already revoked: an error
+    assert main(["token", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "revoke-me" in listed and token not in listed and token[:10] in listed   # only the prefix is shown
+    assert main(["token", "revoke", token[:10]]) == 0
+    try:
+        main(["token", "revoke", token[:10]])                                       # already revoked: an error
+        raise AssertionError("revoking twice succeeded")
+    except CLIError as exc:
+        assert "no active token" in str(exc)
     time.sleep(stack.settings.token_cache_seconds + 0.5)
     r = requests.get(stack.url + "/api/v1/jobs", headers=h, timeout=30)
     assert r.status_code == 401 and r.json()["code"] == "invalid_token"
