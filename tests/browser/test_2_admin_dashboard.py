@@ -98,7 +98,9 @@ def test_dashboard_on_a_phone_by_keyboard(phone_page, web_stack, failed_job, wor
     page = phone_page
     # log in with the keyboard only
     page.goto(web_stack.url + "/admin/login")
-    page.keyboard.type(ADMIN_USER)                  # the user name field has autofocus
+    # the user name field has autofocus (applied on a rendering update, possibly after `load`)
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'username'")
+    page.keyboard.type(ADMIN_USER)
     page.keyboard.press("Tab")
     page.keyboard.type(ADMIN_PASSWORD)
     page.keyboard.press("Enter")
