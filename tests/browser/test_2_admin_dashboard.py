@@ -38,7 +38,7 @@ def test_filter_failed_retry_and_job_page(page, web_stack, failed_job, worker):
     # counters, workers (Celery inspect) with the Flower link, and the chart
     page.wait_for_function("() => document.getElementById('count-failed').textContent !== '–'")
     assert int(page.text_content("#count-failed")) >= 1
-    page.wait_for_selector("#workers li .mono", timeout=30_000)
+    page.wait_for_selector("#workers li .mono", timeout=45_000)
     assert "test-browser@" in page.text_content("#workers")
     assert page.get_attribute("#flower-link", "href") == FLOWER_URL
     assert page.locator("#queues li").count() >= 2

@@ -82,7 +82,7 @@
     const newer = $("#page-newer"), older = $("#page-older"), label = $("#page-label");
     let cursors = [null];   // cursor of each page seen; the last is the current page's
     let nextCursor = null;
-    let busy = false;
+    let latest = 0;         // sequence number of the newest jobs request: older answers are dropped
 
     function toISO(v) { return v ? new Date(v).toISOString() : ""; }
     function query(cursor) {
@@ -99,10 +99,9 @@
     }
 
     async function loadJobs() {
-      if (busy) return;
-      busy = true;
+      const seq = ++latest;
       const r = await api("GET", "/jobs?" + query(cursors[cursors.length - 1]));
-      busy = false;
+      if (seq !== latest) return;   // a newer request (e.g. a filter just applied) is on its way
       if (!r.ok) { pageError.textContent = "The jobs could not be listed. " + errorSentence(r.status, r.data); return; }
       pageError.textContent = "";
       nextCursor = r.data.next_cursor;
