@@ -233,3 +233,32 @@ def slice_paths():
     paths = sorted(SLICES.glob("*"))
     assert len(paths) >= 4
     return paths
+
+
+@pytest.fixture(scope="session")
+def make_dicom():
+    """f(hu: 2-D int16 array of Hounsfield units) -> bytes of a CT DICOM file (explicit VR little endian)."""
+    def make(hu) -> bytes:
+        import io
+
+        import numpy as np
+        import pydicom
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+        stored = (np.asarray(hu, dtype=np.int32) + 1024).astype(np.int16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+        ds.Rows, ds.Columns = stored.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = stored.tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+    return make

@@ -34,6 +34,12 @@ def jpeg_bytes(w=64, h=48) -> bytes:
     return cv2.imencode(".jpg", img)[1].tobytes()
 
 
+def tiff_bytes(w=64, h=48) -> bytes:
+    import cv2
+    img = np.random.default_rng(0).integers(0, 256, (h, w), dtype=np.uint8)   # incompressible
+    return cv2.imencode(".tiff", img)[1].tobytes()
+
+
 def bomb_png(w=100_000, h=100_000) -> bytes:
     """A few hundred bytes declaring 10^10 pixels (a decompression bomb's header)."""
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
@@ -107,6 +113,8 @@ CASES = [
      lambda: {"files": _files(("c.png", corrupt_crc_png(), "image/png"))}, 400, "corrupt_image"),
     ("truncated JPEG", "post", "/api/v1/jobs",
      lambda: {"files": _files(("t.jpg", jpeg_bytes()[:200], "image/jpeg"))}, 400, "corrupt_image"),
+    ("truncated TIFF", "post", "/api/v1/jobs",
+     lambda: {"files": _files(("t.tif", tiff_bytes(256, 256)[:-1000], "image/tiff"))}, 400, None),
     ("100000x100000 PNG header", "post", "/api/v1/jobs",
      lambda: {"files": _files(("bomb.png", bomb_png(), "image/png"))}, 413, "too_many_pixels"),
     ("2x2 image", "post", "/api/v1/jobs", lambda: {"files": _files(("tiny.png", png_bytes(2, 2), "image/png"))},
@@ -165,6 +173,13 @@ def test_bad_request(stack, case):
     assert isinstance(body["error"], str) and body["error"]
     if code:
         assert body["code"] == code, body
+
+
+def test_truncated_dicom(stack, make_dicom):
+    img = (np.arange(64 * 48, dtype=np.int32).reshape(48, 64) % 1000).astype(np.int16)
+    good = make_dicom(img)
+    r = stack.submit([("t.dcm", good[:-500], "application/dicom")])
+    assert r.status_code == 400 and r.json()["code"] in ("corrupt_image", "invalid_image"), r.text
 
 
 def test_job_state_conflicts(stack, finished_job, other_tokens_job):

@@ -88,3 +88,28 @@ def test_batch_of_20_reaches_100_percent(stack, slice_paths):
     for j in listed[:3]:
         assert _png_size(requests.get(j["results"]["overlay"]["url"], timeout=30).content) == \
             (j["input"]["width"], j["input"]["height"])
+
+
+def _tiff_bytes(path) -> bytes:
+    import cv2
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    return cv2.imencode(".tiff", img)[1].tobytes()
+
+
+@pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
+def test_tiff_and_dicom_slices(stack, slice_paths, make_dicom):
+    import cv2
+    stack.ensure_worker()
+    src = slice_paths[0]
+    r = stack.submit([("slice.tif", _tiff_bytes(src), "image/tiff"),
+                      ("slice.dcm", make_dicom(cv2.imread(str(src), cv2.IMREAD_GRAYSCALE).astype(np.int16) * 6
+                                               - 1000), "application/dicom")])
+    assert r.status_code == 202, r.text
+    size = _source_size(src)
+    for j in r.json()["jobs"]:
+        job = stack.wait_job(j["id"])
+        assert job["status"] == "succeeded", job
+        assert job["input"]["format"] in ("tiff", "dicom")
+        assert _png_size(requests.get(job["results"]["mask"]["url"], timeout=30).content) == size
+    assert {stack.get(f"/api/v1/jobs/{j['id']}").json()["input"]["format"] for j in r.json()["jobs"]} == \
+        {"tiff", "dicom"}
