@@ -31,25 +31,8 @@ def _result_keys(stack, job_id):
     return sorted(stack.storage.list_keys(f"results/{job_id}/"))
 
 
-def test_cancel_and_retry(stack, slice_paths):
-    stack.stop_worker()                      # keep the job queued while we cancel it
-    jid = stack.submit([slice_paths[0]]).json()["jobs"][0]["id"]
-    r = stack.post(f"/api/v1/jobs/{jid}/cancel")
-    assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    assert stack.post(f"/api/v1/jobs/{jid}/cancel").status_code == 200        # idempotent
-    stack.ensure_worker()
-    _wait_for(lambda: not stack.redis_server_client().llen(stack.settings.queue_interactive), 30,
-              "the cancelled job's message consumed", stack)
-    time.sleep(1)                                                              # consumed as a no-op
-    assert stack.get(f"/api/v1/jobs/{jid}").json()["status"] == "cancelled"
-    assert _result_keys(stack, jid) == []
-    r = stack.post(f"/api/v1/jobs/{jid}/retry")
-    assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "succeeded")
-    job = stack.wait_job(jid)
-    assert job["status"] == "succeeded" and job["attempts"] == 1
-
-
-def test_kill_9_worker_mid_job_and_lost_messages(stack, slice_paths):
+def test_kill_9_worker_mid_job_lost_messages_cancel_and_retry(stack, slice_paths):
+    """One worker restart covers: kill -9 mid-job, a message lost with Redis, cancel and retry of a queued job."""
     stack.ensure_worker()
     r = stack.submit([slice_paths[i % len(slice_paths)] for i in range(8)])   # one message, one model call
     assert r.status_code == 202
@@ -63,6 +46,11 @@ def test_kill_9_worker_mid_job_and_lost_messages(stack, slice_paths):
     late = stack.submit([slice_paths[0]])
     assert late.status_code == 202
     late_id = late.json()["jobs"][0]["id"]
+    # ... and another one is cancelled while still queued (no worker can race the cancel now).
+    cancel_id = stack.submit([slice_paths[1]]).json()["jobs"][0]["id"]
+    r = stack.post(f"/api/v1/jobs/{cancel_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert stack.post(f"/api/v1/jobs/{cancel_id}/cancel").status_code == 200     # idempotent
     stack.redis_server.restart()
     assert stack.redis_server.ping()
 
@@ -74,6 +62,14 @@ def test_kill_9_worker_mid_job_and_lost_messages(stack, slice_paths):
     for jid, before in at_kill.items():
         if before == "running":
             assert stack.get(f"/api/v1/jobs/{jid}").json()["attempts"] >= 2
+    # the cancelled job was never run (its message, if any, was a no-op) and can be retried
+    assert stack.get(f"/api/v1/jobs/{cancel_id}").json()["status"] == "cancelled"
+    assert _result_keys(stack, cancel_id) == []
+    r = stack.post(f"/api/v1/jobs/{cancel_id}/retry")
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "succeeded")
+    job = stack.wait_job(cancel_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert stack.post(f"/api/v1/jobs/{cancel_id}/cancel").status_code == 409      # finished: no cancel
 
 
 def test_redis_and_s3_restart_between_submissions(stack, slice_paths):
