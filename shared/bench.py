@@ -8,12 +8,14 @@ Measured at 448x448 on real CT slices (tests/fixtures/slices, or --images) with 
   model.predict on one slice, a 15x15-inch matplotlib figure with two imshows (slice, prediction), savefig PNG;
 - ratio_vs_seed = seed seconds per slice / our whole-path seconds per slice at batch 8 with the auto backend
   (ratio_vs_seed_batch1: the same at batch 1, i.e. one slice per request like the seed).
-Times are medians of --repeats runs after a warm-up. Wall-clock numbers depend on other load on the machine;
-the JSON records the load average and the process CPU seconds per slice next to them.
+Times are medians of --repeats rounds after a warm-up; each round runs every measurement once (interleaved), so
+changing background load affects all contenders alike. Wall-clock numbers still depend on other load on the
+machine: the JSON records the load average and the process CPU seconds per slice next to them.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -65,18 +67,6 @@ def conv_flops(model) -> dict:
     return {"conv": conv, "other": other, "total": conv + other}
 
 
-def _median_time(fn, repeats: int) -> tuple[float, float]:
-    """(median wall seconds, median process CPU seconds) of fn() after one warm-up call."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(max(1, repeats)):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
-
-
 def _slice_files(folder) -> list[Path]:
     from shared.model import REPO_ROOT
 
@@ -122,7 +112,6 @@ def run(args) -> int:
     from shared.cli import CLIError
     from shared.inference import BACKENDS, Segmenter, cpu_flags, inspect_weights
     from shared.model import DEFAULT_WEIGHTS
-    from shared.preprocessing import preprocess
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in BACKENDS or b == "auto"]
@@ -147,58 +136,70 @@ def run(args) -> int:
         "input_size": 448, "n_slices_source": len(files), "weights": str(weights), "repeats": args.repeats,
         "backends": {},
     }
-    segs = {}
-    ref = Segmenter(weights, backend="fp32", log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    ref = Segmenter(weights, backend="fp32", log=log)
     flops = conv_flops(ref.keras_model())
     result["flops_per_slice"] = flops["total"]
     result["flops_breakdown"] = flops
     x1 = ref.prepare([datas_to_gray(datas[0])])
     x8 = ref.prepare([datas_to_gray(d) for d in datas8])
+    segs = {b: ref if b == "fp32" else Segmenter(weights, backend=b, log=log) for b in backends}
+    auto = Segmenter(weights, backend="auto", log=log)  # the rule the service uses (int8 on CPU if Dice holds)
+    result["auto_backend"] = auto.backend
+    segs.setdefault(auto.backend, auto)
+    # every measurement as a named closure; all of them run once per round, rounds interleave them, so a change
+    # of background load hits every contender alike (medians over rounds)
+    jobs = {}
+    for b, seg in segs.items():
+        jobs[(b, "model1")] = (lambda seg=seg: seg.predict_model_input(x1), 1)
+        jobs[(b, "model8")] = (lambda seg=seg: seg.predict_model_input(x8), 8)
+        jobs[(b, "path1")] = (lambda seg=seg: our_path(seg, datas[:1]), 1)
+        jobs[(b, "path8")] = (lambda seg=seg: our_path(seg, datas8), 8)
+    if not args.no_seed:
+        from shared.model import build_unet, load_weights
+
+        with contextlib.redirect_stdout(sys.stderr):
+            seed_model = build_unet(input_shape=(448, 448, 1))
+        load_weights(seed_model, weights)
+        seed_model.predict(np.zeros((1, 448, 448, 1), np.float32), verbose=0)
+        seed_files = iter(files * (args.repeats + 1))
+        jobs[("seed", "path1")] = (lambda: seed_path(seed_model, next(seed_files)), 1)
+    for fn, _ in jobs.values():  # warm-up (graph tracing, ORT arenas, matplotlib font cache)
+        fn()
+    walls: dict = {k: [] for k in jobs}
+    cpus: dict = {k: [] for k in jobs}
+    for r in range(args.repeats):
+        print(f"round {r + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+        for key, (fn, n) in jobs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            walls[key].append((time.perf_counter() - t0) / n)
+            cpus[key].append((time.process_time() - c0) / n)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    cmed = {k: statistics.median(v) for k, v in cpus.items()}
     for b in backends:
-        print(f"timing {b} ...", file=sys.stderr, flush=True)
-        seg = ref if b == "fp32" else Segmenter(weights, backend=b, log=lambda m: print(m, file=sys.stderr))
-        segs[b] = seg
-        t1, c1 = _median_time(lambda: seg.predict_model_input(x1), args.repeats)
-        t8, c8 = _median_time(lambda: seg.predict_model_input(x8), args.repeats)
-        w1, _ = _median_time(lambda: our_path(seg, datas[:1]), args.repeats)
-        w8, wc8 = _median_time(lambda: our_path(seg, datas8), args.repeats)
+        seg = segs[b]
         result["backends"][b] = {
             "effective_backend": seg.backend,
-            "latency_batch1_s": t1, "per_slice_batch8_s": t8 / 8, "throughput_batch8_slices_per_s": 8 / t8,
-            "achieved_gflops_per_s_batch8": flops["total"] / (t8 / 8) / 1e9,
-            "cpu_s_per_slice_batch1": c1, "cpu_s_per_slice_batch8": c8 / 8,
-            "whole_path_batch1_s": w1, "whole_path_per_slice_batch8_s": w8 / 8,
-            "whole_path_cpu_s_per_slice_batch8": wc8 / 8,
+            "latency_batch1_s": med[(b, "model1")], "per_slice_batch8_s": med[(b, "model8")],
+            "throughput_batch8_slices_per_s": 1.0 / med[(b, "model8")],
+            "achieved_gflops_per_s_batch8": flops["total"] / med[(b, "model8")] / 1e9,
+            "cpu_s_per_slice_batch1": cmed[(b, "model1")], "cpu_s_per_slice_batch8": cmed[(b, "model8")],
+            "whole_path_batch1_s": med[(b, "path1")], "whole_path_per_slice_batch8_s": med[(b, "path8")],
+            "whole_path_cpu_s_per_slice_batch8": cmed[(b, "path8")],
         }
         if seg.int8_info:
             result["backends"][b]["int8_check"] = {k: seg.int8_info.get(k) for k in
                                                    ("dice_fp32", "dice_int8", "agreement_dice", "n_images")}
-    # which backend "auto" picks here (decided without re-timing: same rule as Segmenter)
-    auto = Segmenter(weights, backend="auto", log=lambda m: print(m, file=sys.stderr))
-    result["auto_backend"] = auto.backend
-    ours = result["backends"].get(auto.backend)
-    if ours is None:
-        w1, _ = _median_time(lambda: our_path(auto, datas[:1]), args.repeats)
-        w8, _ = _median_time(lambda: our_path(auto, datas8), args.repeats)
-        ours = {"whole_path_batch1_s": w1, "whole_path_per_slice_batch8_s": w8 / 8}
+    a = auto.backend
+    ours = {"whole_path_batch1_s": med[(a, "path1")], "whole_path_per_slice_batch8_s": med[(a, "path8")]}
     if not args.no_seed:
-        print("timing the predecessor's path ...", file=sys.stderr, flush=True)
-        import segmentation_models as sm  # noqa: F401 (already imported by the Segmenter, quiet)
-
-        from shared.model import build_unet, load_weights
-
-        seed_model = build_unet(input_shape=(448, 448, 1))
-        load_weights(seed_model, weights)
-        seed_model.predict(np.zeros((1, 448, 448, 1), np.float32), verbose=0)
-        per = []
-        for f in files[: max(3, min(len(files), args.repeats * 2))]:
-            t0 = time.perf_counter()
-            seed_path(seed_model, f)
-            per.append(time.perf_counter() - t0)
-        seed_s = statistics.median(per)
+        seed_s = med[("seed", "path1")]
         result["seed_s_per_slice"] = seed_s
+        result["seed_cpu_s_per_slice"] = cmed[("seed", "path1")]
         result["ratio_vs_seed"] = seed_s / ours["whole_path_per_slice_batch8_s"]
         result["ratio_vs_seed_batch1"] = seed_s / ours["whole_path_batch1_s"]
+        result["ratio_vs_seed_cpu"] = cmed[("seed", "path1")] / cmed[(a, "path8")]
     result["ours_whole_path_per_slice_batch8_s"] = ours["whole_path_per_slice_batch8_s"]
     result["ours_per_slice_batch8_s"] = result["backends"].get(auto.backend, {}).get("per_slice_batch8_s")
     result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -232,4 +233,5 @@ def _print_table(r: dict) -> None:
     if "seed_s_per_slice" in r:
         print(f"seed path {r['seed_s_per_slice']:.3f} s/slice; ours (auto={r['auto_backend']}, whole path) "
               f"{r['ours_whole_path_per_slice_batch8_s']:.3f} s/slice at batch 8 -> ratio_vs_seed "
-              f"{r['ratio_vs_seed']:.1f}x (batch 1: {r['ratio_vs_seed_batch1']:.1f}x)")
+              f"{r['ratio_vs_seed']:.1f}x (batch 1: {r['ratio_vs_seed_batch1']:.1f}x; "
+              f"process CPU seconds: {r['ratio_vs_seed_cpu']:.1f}x)")

@@ -5,14 +5,21 @@ Backends
 - "bf16": the same model under the mixed_bfloat16 policy (float32 output). Only pays on CPUs with AVX512-BF16/AMX
   or on GPUs; on this project's reference CPU (AVX-512 + VNNI, no BF16) it is ~2x *slower* than fp32.
 - "int8": the model converted to ONNX (tf2onnx) and statically quantized with onnxruntime (QOperator, per-channel
-  int8 weights, uint8 activations, MinMax calibration on real CT slices), run by onnxruntime. The .onnx files are
+  int8 weights, uint8 activations, MinMax calibration on real CT slices and their mirror images), run by
+  onnxruntime without thread spinning (COVIDSEG_THREADS sets its thread count). The .onnx files are
   cached under $COVIDSEG_CACHE_DIR (default ~/.cache/covidseg), keyed by the weights file's SHA-256, so the
-  one-time conversion (~1 min on 2 cores) happens once per weights file. If tf2onnx/onnxruntime are missing or
+  one-time conversion (~2 min on 2 busy cores) happens once per weights file. If tf2onnx/onnxruntime are missing or
   fail, the Segmenter falls back to fp32 with a warning.
 - "auto": on a GPU, fp32 (TensorFlow). On a CPU, int8 if its Dice on the labelled calibration slices stays within
-  0.01 of fp32's (checked when the int8 model is built, stored next to it), else fp32. Measured on the reference
-  2-core Cascade Lake (see README / `covidseg bench`): int8 is ~2-3x faster than TF fp32 per slice at batch 8,
-  and bf16 is slower than fp32, so bf16 is never chosen automatically.
+  0.01 of fp32's (checked when the int8 model is built and stored next to it), else fp32. bf16 is never chosen.
+
+  Why (measured on the reference machine: 2-core Xeon Cascade Lake, AVX-512 + VNNI, no AVX512-BF16/AMX, shared
+  with a training run; see `covidseg bench`): per 448x448 slice at batch 8, int8 needs ~0.26-0.27 process-CPU
+  seconds vs ~0.46-0.67 for TF fp32 and ~1.8-2.2 for bf16 (wall-clock ratios are similar but noisy under load).
+  Validation Dice, `covidseg evaluate` on the held-out sets of `training.validation_sets` with an epoch-3
+  checkpoint of the lead's run: covid19-ct-seg (284 slices) fp32 0.3591 / int8 0.3563, MedSeg (15) fp32 0.4319 /
+  int8 0.4328 (epoch-1 checkpoint: 0.0793/0.0795 and 0.2531/0.2538): within 0.01, so int8 is the CPU default.
+  `backend="fp32"` stays available (and is the reference of every check).
 
 Contract: `Segmenter(...).predict(images)` -> list of float32 (H, W) probability maps, each at its input's own
 size (the 448x448 output is resized back with INTER_LINEAR). Inputs are preprocessed with
@@ -24,7 +31,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import io
 import json
 import os
 import sys
@@ -197,6 +203,10 @@ class _OrtRunner:
         threads = threads or int(os.environ.get("COVIDSEG_THREADS", "0") or 0)
         if threads:
             so.intra_op_num_threads = threads
+        # no busy-waiting between parallel sections: on a shared CPU (workers, training, other services) spinning
+        # threads burn the cores the other thread needs. Measured at load 9 on 2 cores: 1.05 -> 0.75 s/slice and
+        # 0.37 -> 0.26 CPU s/slice. COVIDSEG_ORT_SPIN=1 restores onnxruntime's default.
+        so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("COVIDSEG_ORT_SPIN", "0"))
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.path = Path(path)

@@ -78,9 +78,19 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def results(bad):
+    """All cases run once, 4 subprocesses at a time (each is a fresh interpreter: ~1 s, mostly imports)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run_cli, *make(bad)) for name, make in CASES.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_exits_2_with_error_line(bad, name):
-    r = run_cli(*CASES[name](bad))
+def test_bad_input_exits_2_with_error_line(results, name):
+    r = results[name]
     assert r.returncode == 2, (name, r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
