@@ -1,8 +1,6 @@
 """HTTP routes: /healthz, /readyz, /api/v1/* (jobs, batches, OpenAPI) and the legacy POST /predict."""
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -16,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_token, services
 from api.errors import ApiError, error_response
+from api.params import decode_cursor, encode_cursor, parse_time
 from api.uploads import check_upload
 from shared import db
 from shared.celery_app import dispatch
@@ -284,31 +283,10 @@ def get_result(job_id, kind):
     return resp
 
 
-def _parse_time(name: str):
-    raw = request.args.get(name)
-    if raw is None:
-        return None
-    try:
-        dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, "invalid_time", f"{name} must be an ISO 8601 timestamp") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"s": seq}).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(raw: str) -> int:
-    try:
-        pad = "=" * (-len(raw) % 4)
-        data = json.loads(base64.urlsafe_b64decode(raw + pad).decode())
-        seq = data["s"]
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise ValueError
-        return seq
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
 
 
 @bp_v1.get("/jobs")
@@ -325,7 +303,7 @@ def list_jobs():
         if not _ID.match(args["batch_id"]):
             raise ApiError(400, "invalid_batch_id", "batch_id must be a batch id")
         q = q.where(db.Job.batch_id == args["batch_id"])
-    after, before = _parse_time("created_after"), _parse_time("created_before")
+    after, before = parse_time("created_after"), parse_time("created_before")
     if after:
         q = q.where(db.Job.created_at >= after)
     if before:
@@ -337,14 +315,14 @@ def list_jobs():
     except ValueError:
         raise ApiError(400, "invalid_limit", "limit must be an integer from 1 to 200") from None
     if "cursor" in args:
-        q = q.where(db.Job.seq < _decode_cursor(args["cursor"]))
+        q = q.where(db.Job.seq < decode_cursor(args["cursor"]))
     q = q.order_by(db.Job.seq.desc()).limit(limit + 1)
     with services().Session() as session:
         rows = session.execute(q).scalars().all()
     more = len(rows) > limit
     rows = rows[:limit]
     return jsonify(jobs=[job_json(j) for j in rows],
-                   next_cursor=_encode_cursor(rows[-1].seq) if more and rows else None)
+                   next_cursor=encode_cursor(rows[-1].seq) if more and rows else None)
 
 
 @bp_v1.get("/batches/<batch_id>")

@@ -6,12 +6,9 @@ api/admin/auth.py for the session cookie, CSRF and throttling rules.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 
 from flask import Blueprint, Response, g, jsonify, make_response, redirect, render_template, request, url_for
 from sqlalchemy import or_, select
@@ -19,6 +16,7 @@ from sqlalchemy import or_, select
 from api.admin import auth, stats
 from api.admin.auth import admin_api, admin_page, cfg, services
 from api.errors import ApiError
+from api.params import decode_cursor, encode_cursor, parse_time
 from api.web import security_headers
 from shared import admin_users, db
 from shared.storage import RESULT_KINDS, result_key
@@ -157,29 +155,10 @@ def admin_job_json(job: db.Job, token_name: str | None, full: bool = False) -> d
     return out
 
 
-def _parse_time(name: str):
-    raw = request.args.get(name)
-    if not raw:
-        return None
-    try:
-        dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, "invalid_time", f"{name} must be a date and time (ISO 8601)") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
-def _cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"s": seq}).encode()).decode().rstrip("=")
 
 
-def _uncursor(raw: str) -> int:
-    try:
-        seq = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode())["s"]
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise ValueError
-        return seq
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
 
 
 @bp_admin_api.get("/jobs")
@@ -206,7 +185,7 @@ def list_jobs():
             raise ApiError(400, "invalid_search", "search for a job or batch id (characters 0-9 and a-f)")
         q = q.where(or_(db.Job.id == term, db.Job.batch_id == term) if len(term) == 32
                     else db.Job.id.like(term + "%"))
-    after, before = _parse_time("created_after"), _parse_time("created_before")
+    after, before = parse_time("created_after"), parse_time("created_before")
     if after and before and after >= before:
         raise ApiError(400, "invalid_time_range", "the start of the time range must be before its end")
     if after:
@@ -220,14 +199,14 @@ def list_jobs():
     except ValueError:
         raise ApiError(400, "invalid_limit", "limit must be an integer from 1 to 200") from None
     if args.get("cursor"):
-        q = q.where(db.Job.seq < _uncursor(args["cursor"]))
+        q = q.where(db.Job.seq < decode_cursor(args["cursor"]))
     q = q.order_by(db.Job.seq.desc()).limit(limit + 1)
     with services().Session() as session:
         rows = session.execute(q).all()
     more = len(rows) > limit
     rows = rows[:limit]
     return jsonify(jobs=[admin_job_json(j, name) for j, name in rows],
-                   next_cursor=_cursor(rows[-1][0].seq) if more and rows else None)
+                   next_cursor=encode_cursor(rows[-1][0].seq) if more and rows else None)
 
 
 def _load(session, job_id: str):
