@@ -37,3 +37,26 @@ def decode_cursor(raw: str) -> int:
         return seq
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
+
+
+def created_range_and_page(q, model, args, default_limit: int):
+    """Apply the `created_after`/`created_before`, `limit` and `cursor` parameters shared by the job listings.
+
+    Returns (query ordered newest first with limit + 1 rows, limit): the extra row tells whether a next page exists.
+    """
+    after, before = parse_time("created_after"), parse_time("created_before")
+    if after and before and after >= before:
+        raise ApiError(400, "invalid_time_range", "the start of the time range must be before its end")
+    if after:
+        q = q.where(model.created_at >= after)
+    if before:
+        q = q.where(model.created_at < before)
+    try:
+        limit = int(args.get("limit", default_limit))
+        if not 1 <= limit <= 200:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "invalid_limit", "limit must be an integer from 1 to 200") from None
+    if args.get("cursor"):
+        q = q.where(model.seq < decode_cursor(args["cursor"]))
+    return q.order_by(model.seq.desc()).limit(limit + 1), limit

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_token, services
 from api.errors import ApiError, error_response
-from api.params import decode_cursor, encode_cursor, parse_time
+from api.params import created_range_and_page, encode_cursor
 from api.uploads import check_upload
 from shared import db
 from shared.celery_app import dispatch
@@ -303,20 +303,7 @@ def list_jobs():
         if not _ID.match(args["batch_id"]):
             raise ApiError(400, "invalid_batch_id", "batch_id must be a batch id")
         q = q.where(db.Job.batch_id == args["batch_id"])
-    after, before = parse_time("created_after"), parse_time("created_before")
-    if after:
-        q = q.where(db.Job.created_at >= after)
-    if before:
-        q = q.where(db.Job.created_at < before)
-    try:
-        limit = int(args.get("limit", 50))
-        if not 1 <= limit <= 200:
-            raise ValueError
-    except ValueError:
-        raise ApiError(400, "invalid_limit", "limit must be an integer from 1 to 200") from None
-    if "cursor" in args:
-        q = q.where(db.Job.seq < decode_cursor(args["cursor"]))
-    q = q.order_by(db.Job.seq.desc()).limit(limit + 1)
+    q, limit = created_range_and_page(q, db.Job, args, default_limit=50)
     with services().Session() as session:
         rows = session.execute(q).scalars().all()
     more = len(rows) > limit

@@ -16,7 +16,7 @@ from sqlalchemy import or_, select
 from api.admin import auth, stats
 from api.admin.auth import admin_api, admin_page, cfg, services
 from api.errors import ApiError
-from api.params import decode_cursor, encode_cursor, parse_time
+from api.params import created_range_and_page, encode_cursor
 from api.web import security_headers
 from shared import admin_users, db
 from shared.storage import RESULT_KINDS, result_key
@@ -185,22 +185,7 @@ def list_jobs():
             raise ApiError(400, "invalid_search", "search for a job or batch id (characters 0-9 and a-f)")
         q = q.where(or_(db.Job.id == term, db.Job.batch_id == term) if len(term) == 32
                     else db.Job.id.like(term + "%"))
-    after, before = parse_time("created_after"), parse_time("created_before")
-    if after and before and after >= before:
-        raise ApiError(400, "invalid_time_range", "the start of the time range must be before its end")
-    if after:
-        q = q.where(db.Job.created_at >= after)
-    if before:
-        q = q.where(db.Job.created_at < before)
-    try:
-        limit = int(args.get("limit", 25))
-        if not 1 <= limit <= 200:
-            raise ValueError
-    except ValueError:
-        raise ApiError(400, "invalid_limit", "limit must be an integer from 1 to 200") from None
-    if args.get("cursor"):
-        q = q.where(db.Job.seq < decode_cursor(args["cursor"]))
-    q = q.order_by(db.Job.seq.desc()).limit(limit + 1)
+    q, limit = created_range_and_page(q, db.Job, args, default_limit=25)
     with services().Session() as session:
         rows = session.execute(q).all()
     more = len(rows) > limit
