@@ -270,16 +270,22 @@ def get_result(job_id, kind):
         raise ApiError(404, "unknown_result", f"result must be one of {', '.join(RESULT_KINDS)}")
     with svc.Session() as session:
         job = _get_job_or_404(session, job_id)
+    resp = result_response(job, kind)
+    resp.headers["Cache-Control"] = "private, max-age=300"
+    return resp
+
+
+def result_response(job: db.Job, kind: str) -> Response:
+    """Stream one result PNG (`kind` already checked) of a job from object storage; public and admin API."""
     if job.status != db.SUCCEEDED:
         raise ApiError(409, "job_not_succeeded", f"job is {job.status}; results exist only once it succeeded")
     try:
-        chunks, size = svc.storage.stream(result_key(job.id, kind))
+        chunks, size = services().storage.stream(result_key(job.id, kind))
     except KeyError:
         raise ApiError(404, "result_missing", "result object not found") from None
     resp = Response(chunks, mimetype="image/png")
     if size:
         resp.headers["Content-Length"] = str(size)
-    resp.headers["Cache-Control"] = "private, max-age=300"
     return resp
 
 

@@ -73,14 +73,8 @@ def _closed_loop_proc(url, token, payload, threads, per_thread, out_q):
     out_q.put((lat, errors))
 
 
-def closed_loop(url, token, payload, clients, requests_total):
-    procs_n = min(clients, max(1, os.cpu_count() or 2) * 2, 8)
-    per_client = max(1, requests_total // clients)
-    q = mp.Queue()
-    threads_per_proc = [clients // procs_n + (1 if i < clients % procs_n else 0) for i in range(procs_n)]
-    procs = [mp.Process(target=_closed_loop_proc, args=(url, token, payload, n, per_client, q))
-             for n in threads_per_proc if n]
-    t0 = time.perf_counter()
+def _run_and_collect(procs, q):
+    """Start the client processes, gather each one's (latencies, errors) from `q`, and join them."""
     for p in procs:
         p.start()
     lat, errors = [], []
@@ -90,6 +84,18 @@ def closed_loop(url, token, payload, clients, requests_total):
         errors += b
     for p in procs:
         p.join()
+    return lat, errors
+
+
+def closed_loop(url, token, payload, clients, requests_total):
+    procs_n = min(clients, max(1, os.cpu_count() or 2) * 2, 8)
+    per_client = max(1, requests_total // clients)
+    q = mp.Queue()
+    threads_per_proc = [clients // procs_n + (1 if i < clients % procs_n else 0) for i in range(procs_n)]
+    procs = [mp.Process(target=_closed_loop_proc, args=(url, token, payload, n, per_client, q))
+             for n in threads_per_proc if n]
+    t0 = time.perf_counter()
+    lat, errors = _run_and_collect(procs, q)
     wall = time.perf_counter() - t0
     return summarize(lat, errors, wall, clients=clients)
 
@@ -144,15 +150,7 @@ def open_loop(url, token, payload, rate, duration):
     start_at = time.perf_counter() + 1.0     # perf_counter is system-wide (CLOCK_MONOTONIC) on Linux
     procs = [mp.Process(target=_open_loop_proc, args=(url, token, payload, rate, duration, start_at, i, nprocs, q))
              for i in range(nprocs)]
-    for p in procs:
-        p.start()
-    lat, errors = [], []
-    for _ in procs:
-        a, b = q.get()
-        lat += a
-        errors += b
-    for p in procs:
-        p.join()
+    lat, errors = _run_and_collect(procs, q)
     return summarize(lat, errors, duration, rate=rate)
 
 

@@ -10,16 +10,17 @@ import logging
 import re
 from datetime import datetime
 
-from flask import Blueprint, Response, g, jsonify, make_response, redirect, render_template, request, url_for
+from flask import Blueprint, g, jsonify, make_response, redirect, render_template, request, url_for
 from sqlalchemy import or_, select
 
 from api.admin import auth, stats
 from api.admin.auth import admin_api, admin_page, cfg, services
 from api.errors import ApiError
 from api.params import created_range_and_page, encode_cursor
+from api.routes import result_response
 from api.web import security_headers
 from shared import admin_users, db
-from shared.storage import RESULT_KINDS, result_key
+from shared.storage import RESULT_KINDS
 
 log = logging.getLogger("covidseg.admin")
 
@@ -231,16 +232,7 @@ def get_result(job_id, kind):
         raise ApiError(404, "unknown_result", f"result must be one of {', '.join(RESULT_KINDS)}")
     with svc.Session() as session:
         job, _ = _load(session, job_id)
-    if job.status != db.SUCCEEDED:
-        raise ApiError(409, "job_not_succeeded", f"job is {job.status}; results exist only once it succeeded")
-    try:
-        chunks, size = svc.storage.stream(result_key(job.id, kind))
-    except KeyError:
-        raise ApiError(404, "result_missing", "result object not found") from None
-    resp = Response(chunks, mimetype="image/png")
-    if size:
-        resp.headers["Content-Length"] = str(size)
-    return resp
+    return result_response(job, kind)
 
 
 def _snapshot(job: db.Job):
