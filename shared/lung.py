@@ -479,3 +479,19 @@ def split_sides(mask: np.ndarray, midline: float | None = None) -> tuple[np.ndar
         return _split2d(m, float(midline))
     parts = [_split2d(m[k], float(midline)) for k in range(m.shape[0])]
     return np.stack([a for a, _ in parts]), np.stack([b for _, b in parts])
+
+
+# ---------------------------------------------------------------------------------------------------- batch API
+
+
+def segment_lungs(slices_u8, include=None) -> list[np.ndarray]:
+    """8-bit slices (each any size, gray or colour) -> list of bool lung masks, each at its slice's own size.
+
+    `include`: optional sequence (one per slice, entries may be None) of masks, e.g. the predicted infection,
+    merged where they touch the lung. The entry point for whole studies.
+    """
+    slices = list(slices_u8)
+    incs = [None] * len(slices) if include is None else list(include)
+    if len(incs) != len(slices):
+        raise ValueError(f"include has {len(incs)} masks for {len(slices)} slices")
+    return [lung_mask_slice(s, include=i) for s, i in zip(slices, incs)]
