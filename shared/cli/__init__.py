@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "shared.cli.core",
     "shared.cli.service",
     "shared.cli.admin",
+    "shared.cli.bulk",
 ]
 
 
