@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "shared.cli.service",
     "shared.cli.admin",
     "shared.cli.bulk",
+    "shared.cli.study",
 ]
 
 
