@@ -1,8 +1,9 @@
 """The Celery application and its configuration (from shared.settings).
 
 The API imports this module only to *send* tasks by name; it never imports worker/ (and so never TensorFlow).
-Workers start with `celery -A shared.celery_app worker -Q <interactive>,<bulk>`; `include` loads worker.tasks
-in the worker only.
+Workers start with `celery -A shared.celery_app worker -Q <queue>`; `include` loads worker.tasks and
+worker.study_tasks in the worker only. Run one worker per queue so interactive work never waits behind bulk work:
+`-Q covidseg.interactive` and, at a lower CPU priority, `nice -n 10 ... -Q covidseg.bulk` (batches, studies).
 
 Reliability settings: acks_late + reject_on_worker_lost (a message is acknowledged only after the task
 finished, and re-queued if the worker child dies), prefetch 1 (a worker holds at most one extra message),
@@ -18,11 +19,12 @@ from shared.settings import Settings, get_settings
 
 PROCESS_TASK = "covidseg.process_jobs"
 SWEEP_TASK = "covidseg.sweep"
+STUDY_TASK = "covidseg.process_study"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("covidseg", include=["worker.tasks"])
+    app = Celery("covidseg", include=["worker.tasks", "worker.study_tasks"])
     exchange = Exchange("covidseg", type="direct")
     app.conf.update(
         broker_url=s.broker_url,
@@ -95,4 +97,28 @@ def dispatch(app: Celery, session_factory, jobs, settings: Settings | None = Non
             with session_factory() as session:
                 mark_dispatched(session, ids)
         sent += len(ids)
+    return sent
+
+
+def dispatch_studies(app: Celery, session_factory, studies, settings: Settings | None = None,
+                     mark: bool = True) -> int:
+    """Publish one process message per study (`studies` = [(study_id, queue, n_slices)]) and record
+    `dispatched_at`. The task's time limits come from the slice count (Settings.study_time_limits), so a
+    600-slice study fits and a stuck one is still stopped before the broker would redeliver it.
+
+    Raises kombu/redis errors when the broker is unreachable; the studies then stay queued with dispatched_at
+    NULL and the recovery sweep publishes them later.
+    """
+    from shared.db import mark_studies_dispatched
+
+    s = settings or app.conf.covidseg_settings
+    sent = 0
+    for study_id, queue, n_slices in studies:
+        soft, hard = s.study_time_limits(n_slices)
+        app.send_task(STUDY_TASK, kwargs={"study_id": study_id}, soft_time_limit=soft, time_limit=hard,
+                      queue=Queue(queue, Exchange(""), routing_key=queue))
+        if mark:
+            with session_factory() as session:
+                mark_studies_dispatched(session, [study_id])
+        sent += 1
     return sent

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models (jobs, batches, API tokens, idempotency keys) and the engine/session factory.
+"""SQLAlchemy 2 models (jobs, batches, studies, API tokens, idempotency keys) and the engine/session factory.
 
 The schema is created ONLY by Alembic (`make migrate`, migrations/); nothing here calls `create_all`.
 Job state changes are conditional UPDATEs (`WHERE status IN (...)`) so that concurrent API requests, workers and
@@ -11,8 +11,8 @@ import secrets
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String,
-                        Text, UniqueConstraint, create_engine, event, text)
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData,
+                        String, Text, UniqueConstraint, create_engine, event, text)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -321,5 +321,188 @@ def requeue_stale(session, stale_after: float, max_attempts: int) -> tuple[list[
             res = session.execute(base.values(status=QUEUED, claim_token=None, progress=0, dispatched_at=None,
                                               updated_at=now))
             (requeued if res.rowcount else []).append(jid)
+    session.commit()
+    return requeued, failed
+
+
+# --- studies (whole CT volumes: a DICOM series or a NIfTI file; issue 5) ----------------------------------------
+class Study(Base):
+    """One whole CT study, processed as one task on the bulk queue (worker/study_tasks.py).
+
+    Only non-identifying data is kept: `meta` is the whitelisted metadata of shared.study.unpack_study_upload
+    (modality, shape, spacing, orientation, series count, a salted hash of the series UID) and `report` the
+    numbers of report.json. Patient names, IDs, dates and client file names never reach this table.
+    `idempotency_key` is unique per token: a retried upload with the same key answers with the same study.
+    """
+    __tablename__ = "studies"
+    seq: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), nullable=False, unique=True, default=new_id)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=QUEUED)
+    queue: Mapped[str] = mapped_column(String(64), nullable=False)
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    n_slices: Mapped[int] = mapped_column(Integer, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    upload_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)  # SHA-256 over the uploaded files
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    input_key: Mapped[str] = mapped_column(String(200), nullable=False)      # normalised, de-identified input
+    input_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    input_size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    input_format: Mapped[str] = mapped_column(String(16), nullable=False)    # dicom | nifti
+    deidentified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    meta: Mapped[str | None] = mapped_column(Text)                 # JSON, non-identifying metadata only
+    report: Mapped[str | None] = mapped_column(Text)               # JSON report.json (numbers, no identifiers)
+    result_checksums: Mapped[str | None] = mapped_column(Text)     # JSON {"mask.nii.gz": sha256, ...}
+    __table_args__ = (
+        CheckConstraint("status IN ('queued','running','succeeded','failed','cancelled')", name="status"),
+        CheckConstraint("progress >= 0 AND progress <= 100", name="progress"),
+        UniqueConstraint("token_id", "idempotency_key", name="uq_studies_token_idempotency_key"),
+        Index("ix_studies_status_created", "status", "created_at"),        # dashboard: by status over time
+        Index("ix_studies_token_seq", "token_id", "seq"),                   # listing (cursor pagination)
+        Index("ix_studies_token_status_seq", "token_id", "status", "seq"),  # listing filtered by status
+        Index("ix_studies_status_heartbeat", "status", "heartbeat_at"),     # sweep: stale running studies
+        Index("ix_studies_created_at", "created_at"),                      # time filters / retention
+    )
+
+
+#: Keys of unpack_study_upload's metadata that may be stored (everything else is dropped before the INSERT).
+STUDY_META_KEYS = ("kind", "format", "modality", "n_slices", "shape", "spacing", "spacing_mm", "orientation",
+                   "series_count", "series_uid_hash", "n_files", "deidentified", "is_hu")
+
+
+def study_meta_json(meta: dict | None) -> str:
+    """The whitelisted, JSON-safe part of a study's metadata (no identifiers can slip into the database)."""
+    import json
+
+    out = {}
+    for k in STUDY_META_KEYS:
+        v = (meta or {}).get(k)
+        if isinstance(v, (bool, int, float)) or v is None:
+            out[k] = v
+        elif isinstance(v, str):
+            out[k] = v[:64]
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (int, float)) else str(x)[:32] for x in list(v)[:8]]
+    return json.dumps({k: v for k, v in out.items() if v is not None}, sort_keys=True)
+
+
+def _study_claimable(stale_after: float):
+    stale = utcnow() - timedelta(seconds=stale_after)
+    return or_(Study.status == QUEUED,
+               and_(Study.status == RUNNING, or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < stale)))
+
+
+def claim_study(session, study_id: str, lease: str, worker: str, stale_after: float) -> Study | None:
+    """queued (or running with a stale heartbeat) -> running under `lease`; None when not claimable."""
+    now = utcnow()
+    res = session.execute(update(Study).where(Study.id == study_id, _study_claimable(stale_after)).values(
+        status=RUNNING, claim_token=lease, worker=worker[:200], attempts=Study.attempts + 1, started_at=now,
+        heartbeat_at=now, updated_at=now, progress=0.0, error=None))
+    session.commit()
+    if not res.rowcount:
+        return None
+    return session.execute(select(Study).where(Study.id == study_id)).scalar_one()
+
+
+def study_heartbeat(session, study_id: str, lease: str, progress: float | None = None) -> bool:
+    """Refresh the heartbeat (and progress) of a study held under `lease`; False once the lease is lost
+    (cancelled, or taken over by the sweep): the worker then stops."""
+    now = utcnow()
+    values = {"heartbeat_at": now, "updated_at": now}
+    if progress is not None:
+        values["progress"] = max(0.0, min(100.0, float(progress)))
+    res = session.execute(update(Study).where(Study.id == study_id, Study.status == RUNNING,
+                                              Study.claim_token == lease).values(**values))
+    session.commit()
+    return res.rowcount == 1
+
+
+def study_finish_success(session, study_id: str, lease: str, report_json: str, checksums_json: str) -> bool:
+    now = utcnow()
+    res = session.execute(update(Study).where(Study.id == study_id, Study.status == RUNNING,
+                                              Study.claim_token == lease)
+                          .values(status=SUCCEEDED, progress=100.0, report=report_json,
+                                  result_checksums=checksums_json, finished_at=now, updated_at=now,
+                                  heartbeat_at=now, error=None))
+    session.commit()
+    return res.rowcount == 1
+
+
+def study_finish_failure(session, study_id: str, lease: str | None, error: str) -> bool:
+    now = utcnow()
+    cond = [Study.id == study_id, Study.status == RUNNING]
+    if lease is not None:
+        cond.append(Study.claim_token == lease)
+    res = session.execute(update(Study).where(*cond).values(status=FAILED, error=error[:2000], finished_at=now,
+                                                            updated_at=now))
+    session.commit()
+    return res.rowcount == 1
+
+
+def study_release(session, study_id: str, lease: str) -> bool:
+    """Give a running study back to the queue (transient error; the task retries it)."""
+    now = utcnow()
+    res = session.execute(update(Study).where(Study.id == study_id, Study.status == RUNNING,
+                                              Study.claim_token == lease)
+                          .values(status=QUEUED, claim_token=None, progress=0.0, updated_at=now, dispatched_at=now))
+    session.commit()
+    return res.rowcount == 1
+
+
+def mark_studies_dispatched(session, study_ids) -> None:
+    now = utcnow()
+    session.execute(update(Study).where(Study.id.in_(list(study_ids)), Study.status == QUEUED)
+                    .values(dispatched_at=now, updated_at=now))
+    session.commit()
+
+
+def cancel_study(session, study_id: str) -> bool:
+    now = utcnow()
+    res = session.execute(update(Study).where(Study.id == study_id, Study.status.in_(ACTIVE))
+                          .values(status=CANCELLED, finished_at=now, updated_at=now, claim_token=None))
+    session.commit()
+    return res.rowcount == 1
+
+
+def retry_study(session, study_id: str) -> bool:
+    now = utcnow()
+    res = session.execute(update(Study).where(Study.id == study_id, Study.status.in_((FAILED, CANCELLED)))
+                          .values(status=QUEUED, attempts=0, error=None, progress=0.0, finished_at=None,
+                                  started_at=None, heartbeat_at=None, claim_token=None, dispatched_at=None,
+                                  report=None, result_checksums=None, updated_at=now))
+    session.commit()
+    return res.rowcount == 1
+
+
+def requeue_stale_studies(session, stale_after: float, max_attempts: int) -> tuple[list[str], list[str]]:
+    """Running studies without a heartbeat for `stale_after` s: back to queued, or failed after `max_attempts`
+    claims (a study that keeps killing workers must not loop forever). Returns (requeued ids, failed ids)."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    rows = session.execute(select(Study.id, Study.attempts, Study.claim_token).where(
+        Study.status == RUNNING, or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < stale)).limit(1000)).all()
+    requeued, failed = [], []
+    for sid, attempts, lease in rows:
+        base = update(Study).where(Study.id == sid, Study.status == RUNNING,
+                                   (Study.claim_token == lease) if lease else Study.claim_token.is_(None),
+                                   or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < stale))
+        if attempts >= max_attempts:
+            res = session.execute(base.values(
+                status=FAILED, finished_at=now, updated_at=now,
+                error=f"gave up after {attempts} attempts (worker lost or time limit exceeded)"))
+            (failed if res.rowcount else []).append(sid)
+        else:
+            res = session.execute(base.values(status=QUEUED, claim_token=None, progress=0.0, dispatched_at=None,
+                                              updated_at=now))
+            (requeued if res.rowcount else []).append(sid)
     session.commit()
     return requeued, failed

@@ -37,7 +37,8 @@ class Settings:
     broker_visibility_timeout: int = _f(3600, "Redis visibility timeout (s): an unacknowledged message is "
                                               "redelivered after this long. Must exceed task_time_limit.")
     queue_interactive: str = _f("covidseg.interactive", "High-priority queue: single uploads and /predict.")
-    queue_bulk: str = _f("covidseg.bulk", "Bulk queue: multi-file batches (and later whole studies).")
+    queue_bulk: str = _f("covidseg.bulk", "Bulk queue: multi-file batches and whole studies (served by a "
+                                          "dedicated, lower-priority worker).")
     # --- object storage ---------------------------------------------------------------------------------------
     s3_endpoint: str = _f("127.0.0.1:8333", "host:port of the S3 server (MinIO, SeaweedFS, AWS).")
     s3_access_key: str = _f("covidseg", "S3 access key.")
@@ -77,6 +78,22 @@ class Settings:
     weights: str = _f("", "Weights file for the worker; empty = the shipped weights.")
     inference_backend: str = _f("auto", "Segmenter backend: auto | fp32 | bf16 | int8.")
     tf_threads: int = _f(0, "TensorFlow intra/inter-op threads in a worker; 0 = TensorFlow's default.")
+    # --- whole studies (api/studies.py, worker/study_tasks.py) ----------------------------------------------------
+    study_deidentify: bool = _f(True, "De-identify uploaded DICOM studies (PS3.15 basic profile subset: names, IDs, "
+                                      "dates, addresses, institution, UIDs re-mapped, private tags) before "
+                                      "anything is stored. Only turn off for data that is already anonymous.")
+    study_max_upload_bytes: int = _f(1024 * 1024 * 1024, "Largest accepted study upload: all files of one "
+                                                          "POST /api/v1/studies together (bytes).")
+    study_max_files: int = _f(1000, "Most DICOM files in one study upload (multipart files or zip members).")
+    study_max_unpacked_bytes: int = _f(4 * 1024 * 1024 * 1024, "Largest total size of a study's files after "
+                                                                "unzipping (zip bombs are refused).")
+    study_seconds_per_slice: float = _f(2.0, "Time budget of a study task per slice (s); with "
+                                             "study_time_limit_base it sets the task's soft time limit, capped "
+                                             "below broker_visibility_timeout.")
+    study_time_limit_base: int = _f(300, "Fixed part of a study task's soft time limit (s): download, model "
+                                         "load, lung masks, outputs.")
+    study_progress_interval: float = _f(1.0, "A running study writes its progress to the database at most this "
+                                             "often (s).")
     # --- API ------------------------------------------------------------------------------------------------
     api_bind: str = _f("127.0.0.1:8000", "gunicorn bind address of the API.")
     api_workers: int = _f(2, "gunicorn worker processes.")
@@ -128,8 +145,13 @@ class Settings:
             problems.append("result_links must be 'presigned' or 'api'")
         if self.queue_interactive == self.queue_bulk:
             problems.append("queue_interactive and queue_bulk must differ")
+        if self.broker_visibility_timeout <= self.study_time_limit_base + 60:
+            problems.append("broker_visibility_timeout must exceed study_time_limit_base + 60")
+        if self.study_seconds_per_slice <= 0:
+            problems.append("study_seconds_per_slice must be positive")
         for name in ("max_upload_bytes", "max_request_bytes", "max_files_per_request", "max_pixels",
-                     "infer_batch_size", "job_max_attempts", "api_workers", "api_threads"):
+                     "infer_batch_size", "job_max_attempts", "api_workers", "api_threads", "study_max_upload_bytes",
+                     "study_max_files", "study_max_unpacked_bytes"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if problems:
@@ -146,6 +168,15 @@ class Settings:
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def study_time_limits(self, n_slices: int) -> tuple[int, int]:
+        """(soft, hard) time limits (s) of the task of a study with `n_slices` slices: study_time_limit_base +
+        study_seconds_per_slice per slice, capped so the hard limit stays below the broker's visibility timeout
+        (a running study is never redelivered while its worker is alive)."""
+        hard_cap = self.broker_visibility_timeout - 30
+        soft = int(self.study_time_limit_base + self.study_seconds_per_slice * max(1, int(n_slices)))
+        soft = min(soft, hard_cap - 30)
+        return soft, min(soft + 60, hard_cap)
 
     @property
     def queues(self) -> tuple[str, str]:

@@ -7,6 +7,14 @@ Bucket layout (one bucket, `COVIDSEG_S3_BUCKET`); keys are generated, never deri
     results/<job_id>/probability.png 8-bit probability map
     results/<job_id>/overlay.png    heat-map overlay
 
+Whole studies (api/studies.py, worker/study_tasks.py) live under one prefix per study:
+
+    studies/<study_id>/input.tar        the normalised input: de-identified NNNN.dcm files of one series, or
+                                        volume.nii.gz (an uncompressed tar, written once by the API)
+    studies/<study_id>/upload           the upload as received: ONLY when COVIDSEG_STUDY_DEIDENTIFY is off
+                                        (identifying data is never stored)
+    studies/<study_id>/results/...     mask.nii.gz, lung_mask.nii.gz, report.json, summary.png, overlays/NNNN.png
+
 Every object carries its SHA-256 as user metadata (`x-amz-meta-sha256`); the job row records the same sums, and
 the worker verifies an input's checksum before using it. A worker re-run writes the same keys again (idempotent).
 """
@@ -50,6 +58,46 @@ def result_key(job_id: str, kind: str) -> str:
 
 def result_prefix(job_id: str) -> str:
     return f"results/{job_id}/"
+
+
+#: A study result's path below its results prefix: a plain name or overlays/<name>; never "..", never absolute.
+_STUDY_FILE = re.compile(r"^(?:overlays/)?[A-Za-z0-9_-]{1,64}(?:\.[A-Za-z0-9]{1,8}){1,2}$")
+
+
+def _study_id(study_id: str) -> str:
+    if not _JOB_ID.match(study_id or ""):
+        raise ValueError(f"bad study id {study_id!r}")
+    return study_id
+
+
+def study_prefix(study_id: str) -> str:
+    """Every object of one study is below this prefix."""
+    return f"studies/{_study_id(study_id)}/"
+
+
+def study_input_key(study_id: str) -> str:
+    """The normalised, de-identified input (a tar of NNNN.dcm files or volume.nii.gz)."""
+    return study_prefix(study_id) + "input.tar"
+
+
+def study_upload_key(study_id: str) -> str:
+    """The upload as received; written only when de-identification is off."""
+    return study_prefix(study_id) + "upload"
+
+
+def study_results_prefix(study_id: str) -> str:
+    return study_prefix(study_id) + "results/"
+
+
+def is_study_file(name: str) -> bool:
+    """Whether `name` is a well-formed result path (mask.nii.gz, report.json, overlays/0003.png, ...)."""
+    return bool(_STUDY_FILE.match(name or ""))
+
+
+def study_result_key(study_id: str, name: str) -> str:
+    if not is_study_file(name):
+        raise ValueError(f"bad study result name {name!r}")
+    return study_results_prefix(study_id) + name
 
 
 def sha256_hex(data: bytes) -> str:

@@ -9,6 +9,8 @@ a conditional UPDATE, and a duplicate message for a job is a no-op for the task.
 2. `queued` jobs never published (the API could not reach Redis) -> published.
 3. `queued` jobs published more than `dispatch_grace` s ago whose message is in no queue and not held unacked
    by any worker (e.g. Redis restarted without persistence) -> published again.
+
+Whole studies (shared.db.Study, worker/study_tasks.py) get the same three steps.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from datetime import timedelta
 from sqlalchemy import delete, select
 
 from shared import db
-from shared.celery_app import dispatch
+from shared.celery_app import dispatch, dispatch_studies
 from shared.settings import Settings
 
 log = logging.getLogger("covidseg.sweep")
@@ -41,7 +43,10 @@ def _job_ids_of_message(raw) -> set[str]:
             body = base64.b64decode(body)
         payload = json.loads(body)
         kwargs = payload[1] if isinstance(payload, list) else payload.get("kwargs", {})
-        return set(kwargs.get("job_ids", []))
+        ids = set(kwargs.get("job_ids", []))
+        if isinstance(kwargs.get("study_id"), str):   # worker.study_tasks messages
+            ids.add(kwargs["study_id"])
+        return ids
     except Exception:  # noqa: BLE001 - foreign or malformed message: not ours
         return set()
 
@@ -65,6 +70,7 @@ def jobs_in_broker(redis_client, queues) -> set[str] | None:
 
 
 def sweep(settings: Settings, session_factory, celery_app, redis_client=None) -> dict:
+    """One recovery round over jobs and studies; returns the ids touched per step."""
     report = {"requeued": [], "failed": [], "published": [], "republished_lost": []}
     with session_factory() as session:
         requeued, failed = db.requeue_stale(session, settings.stale_after, settings.job_max_attempts)
@@ -82,14 +88,20 @@ def sweep(settings: Settings, session_factory, celery_app, redis_client=None) ->
             db.Job.id.in_(requeued), db.Job.status == db.QUEUED)).all() if requeued else []
     todo = [tuple(r) for r in again] + [tuple(r) for r in undispatched if r[0] not in set(requeued)]
     report["published"] = [r[0] for r in todo]
-    if overdue and redis_client is not None:
-        present = jobs_in_broker(redis_client, settings.queues)
-        if present is not None:
-            lost = [tuple(r) for r in overdue if r[0] not in present]
-            todo += lost
-            report["republished_lost"] = [r[0] for r in lost]
+    scan: list = []
+
+    def present():   # one broker scan per round, shared by jobs and studies
+        if not scan:
+            scan.append(jobs_in_broker(redis_client, settings.queues))
+        return scan[0]
+    if overdue and redis_client is not None and present() is not None:
+        lost = [tuple(r) for r in overdue if r[0] not in present()]
+        todo += lost
+        report["republished_lost"] = [r[0] for r in lost]
     if todo:
         dispatch(celery_app, session_factory, todo, settings)
+    report.update(sweep_studies(settings, session_factory, celery_app,
+                                present if redis_client is not None else lambda: None))
     with session_factory() as session:   # retention of Idempotency-Key records
         session.execute(delete(db.IdempotencyKey).where(
             db.IdempotencyKey.created_at < now - timedelta(hours=settings.idempotency_ttl_hours)))
@@ -97,6 +109,36 @@ def sweep(settings: Settings, session_factory, celery_app, redis_client=None) ->
     if any(report.values()):
         log.warning("sweep: %s", {k: len(v) for k, v in report.items()})
     return report
+
+
+def sweep_studies(settings: Settings, session_factory, celery_app, present=lambda: None) -> dict:
+    """The sweep's three steps for studies. `present()` returns the ids referenced by broker messages (None when
+    unknown). Returns {"studies_requeued", "studies_failed", "studies_published", "studies_republished_lost"}."""
+    S = db.Study
+    with session_factory() as session:
+        requeued, failed = db.requeue_stale_studies(session, settings.stale_after, settings.job_max_attempts)
+    now = db.utcnow()
+    cols = (S.id, S.queue, S.n_slices)
+    with session_factory() as session:
+        undispatched = session.execute(select(*cols).where(
+            S.status == db.QUEUED, S.dispatched_at.is_(None), S.updated_at < now - timedelta(seconds=2))
+            .order_by(S.seq).limit(1000)).all()
+        overdue = session.execute(select(*cols).where(
+            S.status == db.QUEUED, S.dispatched_at.is_not(None),
+            S.dispatched_at < now - timedelta(seconds=settings.dispatch_grace)).order_by(S.seq).limit(1000)).all()
+        again = session.execute(select(*cols).where(S.id.in_(requeued), S.status == db.QUEUED)).all() \
+            if requeued else []
+    todo = [tuple(r) for r in again] + [tuple(r) for r in undispatched if r[0] not in set(requeued)]
+    published = [r[0] for r in todo]
+    lost = []
+    if overdue:
+        ids = present()
+        if ids is not None:
+            lost = [tuple(r) for r in overdue if r[0] not in ids]
+    if todo or lost:
+        dispatch_studies(celery_app, session_factory, todo + lost, settings)
+    return {"studies_requeued": requeued, "studies_failed": failed, "studies_published": published,
+            "studies_republished_lost": [r[0] for r in lost]}
 
 
 class SweepThread(threading.Thread):
