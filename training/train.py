@@ -2,9 +2,10 @@
 
 Choices (measured on 2 CPU cores, see README "Training"):
 - Crops: examples are augmented on the 448x448 serving canvas (so the model sees anatomy at the scale it will
-  be served at) and then cropped to 256x256 (lesion-biased). A 256 crop costs ~1/3 of a full 448 image; the
+  be served at) and then cropped to 224x224 (lesion-biased). A 224 crop costs about 1/4 of a full 448 image; the
   U-Net is fully convolutional, so it is then applied to the whole 448 canvas at serving time.
-- bf16 mixed precision (about 2.8x faster than fp32 here), float32 output and loss.
+- fp32 by default: this CPU has no AVX512-BF16/AMX, and bf16 training measured 2.2x slower than fp32 here
+  (`--precision bf16` is there for CPUs and GPUs that have it; the sigmoid output and the loss stay float32).
 - Loss: binary cross-entropy + Jaccard, Jaccard computed per image so that small lesions count as much as big
   ones (the product metric is mean per-image Dice). Adam with warm-up and cosine decay.
 - Every epoch: validation on the held-out patient groups (full 448 canvas, threshold 0.5, Dice at each mask's own
