@@ -79,7 +79,6 @@ def nifti_bytes(vol_zyx: np.ndarray) -> bytes:
 def dicom_zip_bytes(vol_zyx: np.ndarray, folder: Path) -> bytes:
     """A zip of one CT series (one file per slice, IPP along +z, stored = HU + 1024) written into `folder`
     first and zipped the way `covidseg submit` zips a DICOM folder."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -239,7 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queued-slices", type=int, default=60, help="slices of each queued study (part 2)")
     ap.add_argument("--predict-n", type=int, default=7, help="/predict calls per measurement")
     ap.add_argument("--backend", default="auto", help="COVIDSEG_INFERENCE_BACKEND of the workers")
-    ap.add_argument("--bulk-nice", type=int, default=10, help="extra nice level of the bulk worker (default 10)")
+    ap.add_argument("--bulk-nice", type=int, default=getattr(localstack, "BULK_NICE", 10),
+                    help="nice level of the bulk worker (default: localstack.BULK_NICE, as `make run`)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up on a study after this long (s)")
     ap.add_argument("--skip-e2e", action="store_true", help="only part 2")
     ap.add_argument("--skip-predict", action="store_true", help="only part 1")
@@ -272,13 +272,13 @@ def main(argv=None) -> int:
         api_proc = localstack.start_api(env, base / "api.log", port)
         from shared.settings import Settings
         s = Settings.from_env(env)
-        # one worker per queue, the bulk one at a lower CPU priority (shared/celery_app.py)
-        w_int = localstack.start_worker(env, base / "worker-interactive.log", name="interactive",
+        # one worker per queue, the bulk one at a lower CPU priority (shared/celery_app.py), as `make run` does
+        w_int = localstack.start_worker(env, base / "worker.log", name="bench-interactive",
                                         queues=s.queue_interactive)
-        w_bulk = localstack.start_worker(env, base / "worker-bulk.log", name="bulk", queues=s.queue_bulk,
+        w_bulk = localstack.start_worker(env, base / "worker-bulk.log", name="bench-bulk", queues=s.queue_bulk,
                                          nice=args.bulk_nice)
         print(f"stack up in {base}; waiting for the workers to load the model ...", flush=True)
-        wait_ready(base / "worker-interactive.log", w_int)
+        wait_ready(base / "worker.log", w_int)
         wait_ready(base / "worker-bulk.log", w_bulk)
         api = Api(f"http://127.0.0.1:{port}", token)
         payload = PREDICT_SLICE.read_bytes()

@@ -265,10 +265,10 @@ class JsonRecord:
     def studies(self) -> dict:
         return self.data["studies"]
 
-    def update(self, key: str, **fields) -> dict:
+    def update(self, entry_id: str, /, **fields) -> dict:
         """Set fields of one study's entry and save; returns a copy of the entry."""
         with self.lock:
-            entry = self.studies.setdefault(key, {})
+            entry = self.studies.setdefault(entry_id, {})
             entry.update(fields)
             entry["updated_at"] = _now()
             self.save()
@@ -479,8 +479,11 @@ class MultipartBody:
                 self._parts.pop(0)
                 continue
             out += chunk
-        if out and self.on_bytes:
-            self.on_bytes(len(out))
+        if out and self.on_bytes:     # count the file's bytes only (the bar's total is the file sizes)
+            h = len(self.head)
+            in_file = (min(max(0, self.sent + len(out) - h), self.size) - min(max(0, self.sent - h), self.size))
+            if in_file:
+                self.on_bytes(in_file)
         self.sent += len(out)
         return out
 
@@ -617,12 +620,15 @@ class Submitter:
                 fileobj = stack.enter_context(open(study.files[0], "rb"))
                 size = os.fstat(fileobj.fileno()).st_size
             sent = {"n": 0}
+            requests_before = int(entry.get("requests") or 0)
+            tries = {"n": 0}     # HTTP requests sent for this study in this run (retries included)
 
             def on_bytes(n):
                 sent["n"] += n
                 self.progress.add_bytes(n)
 
             def make_kwargs():
+                tries["n"] += 1
                 self.progress.add_bytes(-sent["n"])      # a retried upload starts again from zero
                 sent["n"] = 0
                 body = MultipartBody(fileobj, size, filename, ctype, on_bytes)
@@ -633,14 +639,16 @@ class Submitter:
                 resp = self.client.request("POST", "api/v1/studies", make_kwargs=make_kwargs)
             except TransientFailure as exc:
                 if str(exc) == "stopped":
-                    self.manifest.update(study.rel, state="pending")
+                    self.manifest.update(study.rel, state="pending", requests=requests_before + tries["n"])
                     return SubmitOutcome(study.rel, "skipped")
-                self.manifest.update(study.rel, state="pending", error=str(exc), http_status=None)
+                self.manifest.update(study.rel, state="pending", error=str(exc), http_status=None,
+                                     requests=requests_before + tries["n"])
                 if exc.unreachable:
                     self.client.stop.set()
                     raise
                 return SubmitOutcome(study.rel, "error", str(exc))
         code = resp.status_code
+        n_requests = requests_before + tries["n"]
         _check_auth_and_api(resp, self.client.server)
         if code in (200, 201, 202):
             try:
@@ -648,16 +656,16 @@ class Submitter:
                 study_id = body["id"]
             except (ValueError, KeyError, TypeError):
                 msg = f"HTTP {code} without a study id: {resp.text[:200]!r}"
-                self.manifest.update(study.rel, state="pending", error=msg, http_status=code)
+                self.manifest.update(study.rel, state="pending", error=msg, http_status=code, requests=n_requests)
                 return SubmitOutcome(study.rel, "error", msg)
             self._maybe_pause()
             self.manifest.update(study.rel, state="accepted", study_id=study_id, http_status=code, error=None,
-                                 server_status=body.get("status"), accepted_at=_now(),
+                                 server_status=body.get("status"), accepted_at=_now(), requests=n_requests,
                                  replayed=code == 200 or bool(body.get("idempotent_replay")))
             return SubmitOutcome(study.rel, "accepted", "existing study (idempotent replay)"
                                  if code == 200 or body.get("idempotent_replay") else "")
         msg = f"HTTP {code}: {error_message(resp)}"
-        self.manifest.update(study.rel, state="rejected", error=msg, http_status=code)
+        self.manifest.update(study.rel, state="rejected", error=msg, http_status=code, requests=n_requests)
         return SubmitOutcome(study.rel, "rejected", msg)
 
     def _maybe_pause(self) -> None:
@@ -685,11 +693,11 @@ def cmd_submit(args) -> int:
     server = _server_url(args.server)
     token = _token(args)
     manifest_path = Path(args.manifest).expanduser().resolve()
-    manifest = Manifest.open_or_create(manifest_path, root, server)
-    manifest.lock_exclusive("submit")
     studies, ignored = scan_studies(root, skip=(manifest_path, Path(str(manifest_path) + ".lock")))
     if not studies:
         raise CLIError(f"no studies in {root} (expected folders of DICOM files, .zip, .nii or .nii.gz files)")
+    manifest = Manifest.open_or_create(manifest_path, root, server)
+    manifest.lock_exclusive("submit")
     if ignored:
         print(f"warning: ignored {ignored} file(s) that are neither DICOM, .zip, .nii nor .nii.gz",
               file=sys.stderr)
@@ -760,6 +768,14 @@ def _assign_names(studies: list[LocalStudy], manifest: Manifest, root: Path) -> 
     manifest.save()
 
 
+def _human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -768,7 +784,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _submit_summary(studies, manifest, outcomes, fatal, server, manifest_path) -> int:
     by_rel = {o.rel: o for o in outcomes}
-    rows, counts = [], {}
+    rows, counts, problems = [], {}, []
     for s in studies:
         e = manifest.studies.get(s.rel, {})
         o = by_rel.get(s.rel)
@@ -780,9 +796,13 @@ def _submit_summary(studies, manifest, outcomes, fatal, server, manifest_path) -
             label = "accepted (existing study)"
         counts[state] = counts.get(state, 0) + 1
         note = e.get("error") if state != "accepted" else ""
-        rows.append([s.name, s.kind, f"{s.size / 1e6:.1f} MB", label, (e.get("study_id") or "-")[:12],
-                     (note or "")[:90]])
+        if note:
+            problems.append(f"  {s.name}: {note}")
+        rows.append([s.name, s.kind, _human_size(s.size), label, (e.get("study_id") or "-")[:12],
+                     (note or "")[:60] + ("..." if len(note or "") > 60 else "")])
     print(_table(rows, ["study", "kind", "size", "state", "study id", "message"]))
+    if problems:
+        print("\nnot accepted:\n" + "\n".join(problems))
     n_acc = counts.get("accepted", 0)
     n_rej = counts.get("rejected", 0)
     n_left = len(studies) - n_acc - n_rej
