@@ -54,6 +54,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(bp_health)
     app.register_blueprint(bp_v1)
     app.register_blueprint(bp_predict)
+    from api.studies import bp_studies     # whole studies (issue 5)
+    app.register_blueprint(bp_studies)
 
     from api.admin import bp_admin, bp_admin_api   # web interface + admin dashboard (issue 4, docs/WEB.md)
     from api.web import bp_web

@@ -23,7 +23,8 @@ def spec() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "covidseg job service", "version": "1",
-                 "description": "Segments COVID-19 infection in lung CT slices. Every error is JSON "
+                 "description": "Segments COVID-19 infection in lung CT slices and whole studies. Every "
+                                "error is JSON "
                                 "{\"error\": message, \"code\": machine_code}."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
@@ -50,6 +51,24 @@ def spec() -> dict:
                 "Submitted": {"type": "object", "properties": {
                     "batch_id": {"type": ["string", "null"]},
                     "jobs": {"type": "array", "items": {"type": "object"}}, "links": {"type": "object"},
+                    "idempotent_replay": {"type": "boolean"}}},
+                "Study": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "status": {"enum": list(STATUSES)},
+                    "progress": {"type": "number", "minimum": 0, "maximum": 100},
+                    "n_slices": {"type": "integer"}, "format": {"enum": ["dicom", "nifti"]},
+                    "deidentified": {"type": "boolean"}, "queue": {"type": "string"},
+                    "attempts": {"type": "integer"}, "error": {"type": ["string", "null"]},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "updated_at": {"type": "string", "format": "date-time"},
+                    "started_at": {"type": ["string", "null"], "format": "date-time"},
+                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                    "metadata": {"type": "object", "description": "non-identifying: modality, shape, spacing, "
+                                                                  "orientation, series count, hashed series UID"},
+                    "report": {"type": ["object", "null"], "description": "report.json when succeeded: "
+                               "lesion_volume_ml, lung_volume_ml, percent_involved, ct_score (0-4), sides, "
+                               "voxel_volume_mm3, spacing_mm, shape, n_slices, top_slices, model, lung_method"},
+                    "links": {"type": "object", "description": "self, report, summary, mask, lung_mask, "
+                                                                "overlays_prefix, cancel, retry"},
                     "idempotent_replay": {"type": "boolean"}}},
                 "Batch": {"type": "object", "properties": {
                     "id": {"type": "string"}, "total": {"type": "integer"},
@@ -122,6 +141,64 @@ def spec() -> dict:
                 "responses": {"200": {"description": "batch", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Batch"}}}}, "404": _err("unknown batch"),
                     **common}}},
+            "/api/v1/studies": {
+                "post": {"summary": "submit a whole study: one .zip of a DICOM series, several DICOM files, or one "
+                                    ".nii/.nii.gz (processed on the bulk queue)",
+                         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                         "schema": {"type": "string", "maxLength": 200},
+                                         "description": "the same token + key answers 200 with the existing "
+                                                        "study (the same key with another upload is a 422)"}],
+                         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                             "type": "object", "required": ["file"], "properties": {
+                                 "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                 "series_uid": {"type": "string", "description": "pick this series when the "
+                                                "upload holds several (default: the largest)"}}}}}},
+                         "responses": {
+                             "202": {"description": "accepted (queued)", "content": {"application/json": {
+                                 "schema": {"$ref": "#/components/schemas/Study"}}}},
+                             "200": {"description": "Idempotency-Key replay: the existing study"},
+                             "400": _err("no file, empty file, broken or mixed series, bad zip, not DICOM/NIfTI, "
+                                         "bad series_uid or Idempotency-Key"),
+                             "413": _err("upload too large, too many files, zip bomb"),
+                             "415": _err("not multipart"),
+                             "422": _err("Idempotency-Key reused with another upload"), **common}},
+                "get": {"summary": "list studies, newest first (cursor pagination)",
+                        "parameters": [
+                            {"name": "status", "in": "query", "schema": {"type": "string"},
+                             "description": "comma-separated: " + ",".join(STATUSES)},
+                            {"name": "created_after", "in": "query", "schema": {"type": "string",
+                                                                                "format": "date-time"}},
+                            {"name": "created_before", "in": "query", "schema": {"type": "string",
+                                                                                 "format": "date-time"}},
+                            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 200, "default": 50}},
+                            {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+                        "responses": {"200": {"description": "{studies: [Study], next_cursor}"},
+                                      "400": _err("bad filter, limit or cursor"), **common}}},
+            "/api/v1/studies/{study_id}": {"get": {
+                "summary": "study status, progress (percent), attempts, error, report and links",
+                "parameters": [_id_param("study_id")],
+                "responses": {"200": {"description": "study", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Study"}}}}, "404": _err("unknown study"), **common}}},
+            "/api/v1/studies/{study_id}/files/{name}": {"get": {
+                "summary": "stream a result file: mask.nii.gz, lung_mask.nii.gz, report.json, summary.png, "
+                           "overlays/NNNN.png",
+                "parameters": [_id_param("study_id"), {"name": "name", "in": "path", "required": True,
+                                                       "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the file", "content": {
+                    "application/gzip": {}, "application/json": {}, "image/png": {}}},
+                    "404": _err("unknown study or file"), "409": _err("study has not succeeded"), **common}}},
+            "/api/v1/studies/{study_id}/cancel": {"post": {
+                "summary": "cancel a queued or running study (idempotent for cancelled studies)",
+                "parameters": [_id_param("study_id")],
+                "responses": {"200": {"description": "study"}, "400": _err("malformed JSON body"),
+                              "404": _err("unknown study"), "409": _err("study already finished"), **common}}},
+            "/api/v1/studies/{study_id}/retry": {"post": {
+                "summary": "re-run a failed or cancelled study",
+                "parameters": [_id_param("study_id")],
+                "responses": {"202": {"description": "study, queued again"}, "400": _err("malformed JSON body"),
+                              "404": _err("unknown study"), "409": _err("study is not failed or cancelled"),
+                              **common}}},
             "/predict": {"post": {
                 "summary": "legacy: one slice in, overlay PNG out (queued like any job; waits "
                            "COVIDSEG_PREDICT_TIMEOUT seconds)",

@@ -2,7 +2,7 @@
 """Start/stop the service's backing processes without Docker: Redis, SeaweedFS (S3), PostgreSQL, a Celery worker
 and the API (gunicorn). Used by `make run`, tests/conftest.py and scripts/bench_service.py.
 
-    python scripts/localstack.py run            # make run: redis + weed + SQLite + 1 worker + API; Ctrl+C stops
+    python scripts/localstack.py run            # make run: redis + weed + SQLite + 2 workers + API; Ctrl+C stops
     python scripts/localstack.py up   [--state F] [--postgres]   # start redis + weed (+ postgres), write state
     python scripts/localstack.py down [--state F]                # stop what `up` started
 
@@ -13,6 +13,10 @@ Every service binds 127.0.0.1 on free ports and keeps its data under one directo
   its environment. All of its ports (and their gRPC twins at +10000) are chosen free.
 * PostgreSQL: a throwaway cluster (initdb, trust auth on 127.0.0.1 only, fsync off), run as user `postgres` when
   this script runs as root.
+* Workers (`start_workers`): one per queue, so interactive work never waits behind bulk work: an interactive
+  worker (`-Q covidseg.interactive`: single slices, /predict, the web page) and a bulk worker (`-Q covidseg.bulk`:
+  batches and whole studies) started under `nice` (BULK_NICE more), so the kernel gives the interactive worker
+  the CPU whenever both are busy. Both run with concurrency 1.
 """
 from __future__ import annotations
 
@@ -309,6 +313,24 @@ def start_worker(settings_env: dict, log_path: Path, name: str = "w1", nice: int
     return proc
 
 
+#: Extra niceness of the bulk worker over the interactive one (CPU priority: interactive work first).
+BULK_NICE = 10
+
+
+def start_workers(settings_env: dict, log_dir: Path, name: str = "w", nice: int = 0,
+                  bulk_log_name: str = "worker-bulk.log",
+                  interactive_log_name: str = "worker.log") -> tuple[subprocess.Popen, subprocess.Popen]:
+    """(interactive worker, bulk worker): one Celery worker per queue, concurrency 1 each; the bulk worker runs
+    BULK_NICE nicer, so a night of studies never slows down an interactive request."""
+    interactive = start_worker(settings_env, Path(log_dir) / interactive_log_name, name=f"{name}-interactive",
+                               nice=nice, queues=settings_env.get("COVIDSEG_QUEUE_INTERACTIVE",
+                                                                  "covidseg.interactive"))
+    bulk = start_worker(settings_env, Path(log_dir) / bulk_log_name, name=f"{name}-bulk",
+                        nice=min(19, nice + BULK_NICE),
+                        queues=settings_env.get("COVIDSEG_QUEUE_BULK", "covidseg.bulk"))
+    return interactive, bulk
+
+
 def worker_ready(log_path: Path, since: int = 0) -> bool:
     try:
         text = Path(log_path).read_bytes()[since:].decode("utf-8", "replace")
@@ -364,7 +386,7 @@ def cmd_run(args) -> int:
     for k, v in os.environ.items():   # explicit COVIDSEG_* settings of the caller win
         if k.startswith("COVIDSEG_") and k not in ("COVIDSEG_BROKER_URL", "COVIDSEG_S3_ENDPOINT"):
             env[k] = v
-    worker = api = None
+    worker = bulk_worker = api = None
     try:
         ensure_bucket(env)
         migrate(env["COVIDSEG_DATABASE_URL"])
@@ -372,22 +394,24 @@ def cmd_run(args) -> int:
         port = args.port or 8000
         if not _port_free(port):
             port = free_port()
-        worker = start_worker(env, var / "worker.log", nice=args.nice)
+        worker, bulk_worker = start_workers(env, var, name="local", nice=args.nice)
         api = start_api(env, var / "api.log", port)
         print(f"\ncovidseg is running: http://127.0.0.1:{port}  (API docs: /api/v1/openapi.json)\n"
               f"token: {token}\n"
               f"try:   curl -H 'Authorization: Bearer {token}' -F file=@tests/fixtures/slices/covid_0300.png "
               f"http://127.0.0.1:{port}/api/v1/jobs\n"
-              f"logs:  {var}/worker.log {var}/api.log (the worker needs ~20 s to load the model)\n"
+              f"logs:  {var}/worker.log (interactive queue) {var}/worker-bulk.log (bulk queue: batches, "
+              f"studies; niced) {var}/api.log (the workers need ~20 s to load the model)\n"
               "Ctrl+C stops everything.", flush=True)
-        while worker.poll() is None and api.poll() is None:
+        while worker.poll() is None and bulk_worker.poll() is None and api.poll() is None:
             time.sleep(1)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
         print("stopping ...", flush=True)
-        for stop in (lambda: stop_process(api), lambda: stop_process(worker), weed.stop, redis.stop):
+        for stop in (lambda: stop_process(api), lambda: stop_process(worker), lambda: stop_process(bulk_worker),
+                     weed.stop, redis.stop):
             try:
                 stop()
             except Exception as exc:  # noqa: BLE001 - stop the rest anyway
@@ -430,9 +454,11 @@ def cmd_down(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="local stack without Docker (make run)")
+    r = sub.add_parser("run", help="local stack without Docker (make run): redis, SeaweedFS, SQLite, an "
+                                   "interactive and a bulk worker, the API")
     r.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
-    r.add_argument("--nice", type=int, default=0, help="nice level of the worker")
+    r.add_argument("--nice", type=int, default=0, help="nice level of the interactive worker (the bulk worker "
+                                                      f"runs {BULK_NICE} nicer)")
     u = sub.add_parser("up", help="start redis + weed (+ postgres) in the background")
     u.add_argument("--state", default=str(REPO / "var" / "localstack.json"))
     u.add_argument("--postgres", action="store_true")

@@ -375,8 +375,8 @@ class Study(Base):
 
 
 #: Keys of unpack_study_upload's metadata that may be stored (everything else is dropped before the INSERT).
-STUDY_META_KEYS = ("kind", "format", "modality", "n_slices", "shape", "spacing", "spacing_mm", "orientation",
-                   "series_count", "series_uid_hash", "n_files", "deidentified", "is_hu")
+STUDY_META_KEYS = ("format", "modality", "n_slices", "shape", "spacing", "orientation", "series_count",
+                   "series_uid_hash", "n_files", "skipped_files", "deidentified", "is_hu")
 
 
 def study_meta_json(meta: dict | None) -> str:

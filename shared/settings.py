@@ -82,6 +82,9 @@ class Settings:
     study_deidentify: bool = _f(True, "De-identify uploaded DICOM studies (PS3.15 basic profile subset: names, IDs, "
                                       "dates, addresses, institution, UIDs re-mapped, private tags) before "
                                       "anything is stored. Only turn off for data that is already anonymous.")
+    study_uid_salt: str = _f("", "Secret key of the salted series-UID hash kept in the database and of the "
+                                 "re-mapped DICOM UIDs; empty = the project's fixed salt (set a secret in "
+                                 "production, and keep it: the same study then maps to the same UIDs).")
     study_max_upload_bytes: int = _f(1024 * 1024 * 1024, "Largest accepted study upload: all files of one "
                                                           "POST /api/v1/studies together (bytes).")
     study_max_files: int = _f(1000, "Most DICOM files in one study upload (multipart files or zip members).")

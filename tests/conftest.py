@@ -6,8 +6,10 @@ them when the session ends. Reusable by other suites (web/browser tests):
     postgres_server     throwaway PostgreSQL cluster (initdb/pg_ctl as user postgres)
     sqlite_url, pg_url  migrated databases (alembic upgrade head: the only way the schema is created)
     stack               the whole service: DB (param: "sqlite" | "postgresql"), Redis, S3 bucket, the API under
-                        gunicorn on a free port, a bearer token, and a Celery worker started on demand
-                        (`stack.ensure_worker()`). Use `@pytest.mark.parametrize("stack", ["postgresql"],
+                        gunicorn on a free port, a bearer token, and the Celery workers started on demand
+                        (`stack.ensure_worker()`): an interactive worker (`stack.worker`, -Q interactive) and a
+                        niced bulk worker (`stack.bulk_worker`, -Q bulk: batches and studies), as in
+                        production. Use `@pytest.mark.parametrize("stack", ["postgresql"],
                         indirect=True)` to pin one backend.
 
 Processes are niced (they share 2 cores with other work). Nothing here touches /work/shared or the repo tree
@@ -114,9 +116,12 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_log = workdir / "api.log"
         self.api = localstack.start_api(env, self.api_log, self.port, nice=NICE)
-        self.worker = None
+        self.worker = None          # interactive queue
+        self.bulk_worker = None     # bulk queue (batches, studies), niced
         self.worker_log = workdir / "worker.log"
+        self.bulk_worker_log = workdir / "worker-bulk.log"
         self._worker_log_offset = 0
+        self._bulk_worker_log_offset = 0
 
     # --- HTTP --------------------------------------------------------------------------------------------------
     @property
@@ -170,7 +175,7 @@ class Stack:
 
     def tail_logs(self, n=40) -> str:
         out = []
-        for p in (self.worker_log, self.api_log):
+        for p in (self.worker_log, self.bulk_worker_log, self.api_log):
             try:
                 lines = p.read_text(errors="replace").splitlines()[-n:]
             except OSError:
@@ -183,30 +188,46 @@ class Stack:
         return redis.Redis.from_url(self.settings.broker_url, socket_timeout=5)
 
     # --- worker ------------------------------------------------------------------------------------------------
-    def ensure_worker(self, timeout=240.0):
-        if self.worker is not None and self.worker.poll() is None:
+    def ensure_worker(self, timeout=300.0):
+        """Start whatever of the two workers is not running and wait until both have loaded the model."""
+        def alive(p):
+            return p is not None and p.poll() is None
+        if alive(self.worker) and alive(self.bulk_worker):
             return self.worker
-        self._worker_log_offset = self.worker_log.stat().st_size if self.worker_log.exists() else 0
-        self.worker = localstack.start_worker(self.env, self.worker_log, name=f"test-{self.backend}", nice=NICE)
+        if not alive(self.worker):
+            self._worker_log_offset = self.worker_log.stat().st_size if self.worker_log.exists() else 0
+            self.worker = localstack.start_worker(
+                self.env, self.worker_log, name=f"test-{self.backend}", nice=NICE,
+                queues=self.settings.queue_interactive)
+        if not alive(self.bulk_worker):
+            self._bulk_worker_log_offset = (self.bulk_worker_log.stat().st_size if self.bulk_worker_log.exists()
+                                            else 0)
+            self.bulk_worker = localstack.start_worker(
+                self.env, self.bulk_worker_log, name=f"test-{self.backend}-bulk",
+                nice=min(19, NICE + localstack.BULK_NICE), queues=self.settings.queue_bulk)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.worker.poll() is not None:
-                raise AssertionError(f"worker exited with {self.worker.returncode}\n{self.tail_logs()}")
-            if localstack.worker_ready(self.worker_log, self._worker_log_offset):
+            for proc in (self.worker, self.bulk_worker):
+                if proc.poll() is not None:
+                    raise AssertionError(f"worker exited with {proc.returncode}\n{self.tail_logs()}")
+            if localstack.worker_ready(self.worker_log, self._worker_log_offset) and \
+                    localstack.worker_ready(self.bulk_worker_log, self._bulk_worker_log_offset):
                 return self.worker
             time.sleep(0.3)
-        raise AssertionError(f"worker not ready after {timeout}s\n{self.tail_logs()}")
+        raise AssertionError(f"workers not ready after {timeout}s\n{self.tail_logs()}")
 
     def kill_worker(self, sig=signal.SIGKILL):
-        """kill -9 the whole worker (main process and pool children)."""
-        if self.worker is not None and self.worker.poll() is None:
-            os.killpg(self.worker.pid, sig)
-            self.worker.wait(30)
-        self.worker = None
+        """kill -9 both workers (main processes and pool children)."""
+        for proc in (self.worker, self.bulk_worker):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, sig)
+                proc.wait(30)
+        self.worker = self.bulk_worker = None
 
     def stop_worker(self):
         localstack.stop_process(self.worker, signal.SIGTERM, timeout=60)
-        self.worker = None
+        localstack.stop_process(self.bulk_worker, signal.SIGTERM, timeout=60)
+        self.worker = self.bulk_worker = None
 
     def close(self):
         self.stop_worker()
