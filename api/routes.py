@@ -8,14 +8,14 @@ import re
 import time
 from datetime import datetime, timedelta, timezone
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_token, services
 from api.errors import ApiError, error_response
 from api.params import created_range_and_page, encode_cursor
-from api.uploads import check_upload
+from api.uploads import FAST_MULTIPART_MAX_BYTES, check_upload, parse_multipart
 from shared import db
 from shared.celery_app import dispatch
 from shared.storage import RESULT_KINDS, input_key, result_key
@@ -144,18 +144,29 @@ def _read_files(max_files: int | None = None):
     s = svc.settings
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "expected_multipart", "send the slices as multipart/form-data `file` fields")
-    files = request.files.getlist("file")
+    parsed = None
+    length = request.content_length
+    if length is not None and length <= min(FAST_MULTIPART_MAX_BYTES, s.max_request_bytes):
+        # get_data caches the body, so werkzeug can still parse it when the fast parser declines
+        parsed = parse_multipart(request.get_data(cache=True), request.mimetype_params.get("boundary"),
+                                 current_app.config["MAX_FORM_PARTS"])
+    if parsed is not None:
+        files = [(filename, data) for name, filename, data in parsed[0] if name == "file"]
+        other = list(dict.fromkeys(name for name, _, _ in parsed[0] if name != "file"))
+    else:
+        files = [(f.filename, f.stream) for f in request.files.getlist("file")]
+        other = [k for k in request.files.keys() if k != "file"]
     if not files:
-        other = list(request.files.keys())
         raise ApiError(400, "no_file", "no `file` field in the request" +
                        (f" (got fields {other[:5]})" if other else ""))
     limit = max_files or s.max_files_per_request
     if len(files) > limit:
         raise ApiError(413, "too_many_files", f"{len(files)} files; at most {limit} per request")
     checked = []
-    for i, f in enumerate(files):
-        data = f.stream.read(s.max_upload_bytes + 1)
-        checked.append(check_upload(data, f.filename, s, i))
+    for i, (filename, data) in enumerate(files):
+        if not isinstance(data, bytes):
+            data = data.read(s.max_upload_bytes + 1)
+        checked.append(check_upload(data, filename, s, i))
     return checked
 
 

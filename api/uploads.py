@@ -46,6 +46,67 @@ def sanitize_filename(name: str | None, limit: int = 128) -> str | None:
     return name[:limit] or None
 
 
+# --- multipart fast path -------------------------------------------------------------------------------------
+#: Bodies up to this size are parsed by `parse_multipart` (in memory); larger ones by werkzeug's streaming parser.
+FAST_MULTIPART_MAX_BYTES = 8 * 1024 * 1024
+_PART_HEADERS = {"content-disposition", "content-type"}
+
+
+def parse_multipart(body: bytes, boundary: str | None, max_parts: int):
+    """Parse a well-formed multipart/form-data body in one pass of `bytes.find`.
+
+    Returns ([(field name, client file name, bytes)] for the parts that carry a file name, [names of the other
+    fields]), or None for anything unusual (preamble, folded or extra part headers, non-UTF-8 headers, padding
+    after a boundary, no closing boundary, too many parts). The caller then hands the same bytes to werkzeug's
+    general parser, so this is only a faster route to the same result. It exists because werkzeug compiles two
+    regular expressions per request from the (random) boundary and scans the body in Python-level chunks:
+    about a third of the API's CPU time per single-slice submission.
+    """
+    from werkzeug.http import parse_options_header
+
+    if not boundary or len(boundary) > 200:
+        return None
+    delim = b"--" + boundary.encode("latin-1", "replace")
+    if not body.startswith(delim + b"\r\n"):
+        return None
+    files, fields = [], []
+    pos = len(delim) + 2
+    sep = b"\r\n" + delim
+    while True:
+        if len(files) + len(fields) >= max_parts:
+            return None
+        head_end = body.find(b"\r\n\r\n", pos, pos + 8192)
+        if head_end < 0:
+            return None
+        headers = {}
+        for line in body[pos:head_end].split(b"\r\n"):
+            try:
+                name, colon, value = line.decode("utf-8").partition(":")
+            except UnicodeDecodeError:
+                return None
+            name = name.strip().lower()
+            if not colon or name not in _PART_HEADERS or name in headers or line[:1] in (b" ", b"\t"):
+                return None
+            headers[name] = value.strip(" \t")
+        disposition, opts = parse_options_header(headers.get("content-disposition", ""))
+        if disposition != "form-data" or not opts.get("name"):
+            return None
+        data_start = head_end + 4
+        data_end = body.find(sep, data_start)
+        if data_end < 0:
+            return None
+        if "filename" in opts:
+            files.append((opts["name"], opts["filename"], body[data_start:data_end]))
+        else:
+            fields.append(opts["name"])
+        after = data_end + len(sep)
+        if body[after:after + 2] == b"--":          # closing boundary; an epilogue may follow
+            return files, fields
+        if body[after:after + 2] != b"\r\n":
+            return None
+        pos = after + 2
+
+
 def check_upload(data: bytes, filename: str | None, settings, index: int = 0) -> CheckedUpload:
     from shared.imageio import image_dimensions, sniff_format
 

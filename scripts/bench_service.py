@@ -2,27 +2,45 @@
 """Job-service benchmark (`make bench-service`, part of `make bench`).
 
 Starts a throwaway stack on this machine (redis-server, SeaweedFS S3, PostgreSQL — or SQLite with --db sqlite —,
-the API under gunicorn), then measures:
+the API under gunicorn), then measures the submit path and the end-to-end pipeline. Prints tables, writes JSON.
 
-1. submit latency (POST /api/v1/jobs with one real CT slice, until the 202) at 1, 10 and 50 concurrent clients,
-   closed loop (each client sends its next request when the previous one returned), no worker running so the
-   numbers are the submit path's own;
-2. the same at a fixed open-loop rate (requests are scheduled on a clock; latency counts from the scheduled time,
-   so a stalled server cannot hide queueing — no coordinated omission);
-3. end-to-end throughput with ONE worker: a batch of slices from submit to 100 %, and single-slice latency
-   (submit -> succeeded) of interactive jobs.
+Submit latency = POST /api/v1/jobs with one real 54 KB CT slice (PNG), from sending the request to the 202, with
+no worker running (the jobs just queue), so the numbers are the submit path's own. Two load models:
 
-Clients run in several processes (threads within each) so the client's GIL does not inflate the latencies.
-Prints a table and writes JSON (--json). Benchmarks never run as timed test assertions.
+* **closed loop** (`--clients 1,10,50`): C clients, each on its own keep-alive connection, send their next
+  request the moment the previous one returns (zero think time). The server's throughput X then fixes the mean
+  latency (Little's law: mean = C / X), so at C = 50 a p99 below 50 ms needs X > 1000 requests/s whatever the
+  code does; the table prints X and that bound next to the percentiles.
+* **open loop** (`--rates`): requests arrive on a Poisson schedule at a fixed rate (default: 25 %, 50 % and
+  75 % of the closed-loop capacity measured at 50 clients), sent over up to 50 concurrent connections (the "50
+  clients"). Latency counts from the scheduled arrival, so a stalled server cannot hide queueing (no coordinated
+  omission).
+
+Each request uses a fresh random multipart boundary, as real clients do. Clients are plain http.client in several
+processes (threads within each) so the client side costs little CPU; the CPU time every component spent per
+request (API, S3, database, Redis, clients) is read from /proc and reported.
+
+End to end (`--batch`, `--singles`), with ONE worker (concurrency 1, both queues):
+* bare inference reference: `covidseg bench --backends int8` run at the same nice level just before (model only,
+  batch 8: the target's denominator), and its whole path (decode + preprocess + infer + render);
+* a batch of `--batch` slices from submit to 100 %, and the worker-side span (first start to last finish);
+* `--burst` single-slice jobs submitted at once (the interactive queue; the worker gathers them into batches);
+* single-job latency (submit -> succeeded) of `--singles` sequential interactive jobs.
+
+Benchmarks never run as timed test assertions.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import multiprocessing as mp
 import os
 import platform
+import random
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,10 +52,13 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 import localstack  # noqa: E402
 
-SLICE = REPO / "tests" / "fixtures" / "slices" / "covid_0300.png"
+SLICES = REPO / "tests" / "fixtures" / "slices"
+SLICE = SLICES / "covid_0300.png"
+OPEN_LOOP_CONNECTIONS = 50
 
 
 def pct(values, p):
+    """Nearest-rank percentile (p in 0..100) of `values`; None when empty."""
     if not values:
         return None
     s = sorted(values)
@@ -45,94 +66,120 @@ def pct(values, p):
     return s[k]
 
 
-# --- client processes --------------------------------------------------------------------------------------------
-def _closed_loop_proc(url, token, payload, threads, per_thread, out_q):
-    import requests
+# --- CPU accounting from /proc -----------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, utime + stime in seconds) of every live process."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read().decode("latin-1")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        out[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def tree_cpu(roots: dict[str, int | None]) -> dict[str, float]:
+    """CPU seconds used so far by each named process tree (root pid and its live descendants)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    for name, root in roots.items():
+        total, stack = 0.0, [root] if root else []
+        while stack:
+            pid = stack.pop()
+            if pid in table:
+                total += table[pid][1]
+                stack.extend(children.get(pid, []))
+        out[name] = total
+    return out
+
+
+# --- clients ---------------------------------------------------------------------------------------------------
+class Client:
+    """One keep-alive connection posting one slice per request, with a fresh multipart boundary each time."""
+
+    def __init__(self, host, port, token, payload):
+        self.host, self.port, self.token, self.payload = host, port, token, payload
+        self.conn = None
+
+    def submit(self) -> str | None:
+        """POST one job; None on 202, else a short error description."""
+        boundary = os.urandom(12).hex()
+        body = b"".join([b"--", boundary.encode(), b'\r\nContent-Disposition: form-data; name="file"; '
+                         b'filename="slice.png"\r\nContent-Type: image/png\r\n\r\n', self.payload,
+                         b"\r\n--", boundary.encode(), b"--\r\n"])
+        headers = {"Authorization": f"Bearer {self.token}",
+                   "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+            self.conn.request("POST", "/api/v1/jobs", body, headers)
+            resp = self.conn.getresponse()
+            resp.read()
+            if resp.will_close:
+                self.conn.close()
+                self.conn = None
+            return None if resp.status == 202 else f"HTTP {resp.status}"
+        except Exception as exc:  # noqa: BLE001 - counted as an error, next request reconnects
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = None
+            return type(exc).__name__
+
+
+def _closed_loop_proc(addr, token, payload, threads, per_thread, start_at, out_q):
     lat, errors = [], []
     lock = threading.Lock()
 
     def run():
-        s = requests.Session()
+        c = Client(*addr, token, payload)
+        while time.perf_counter() < start_at:
+            time.sleep(0.001)
         for _ in range(per_thread):
             t0 = time.perf_counter()
-            try:
-                r = s.post(url + "/api/v1/jobs", headers={"Authorization": f"Bearer {token}"},
-                           files={"file": ("slice.png", payload, "image/png")}, timeout=60)
-                ok = r.status_code == 202
-                err = None if ok else f"HTTP {r.status_code}"
-            except Exception as exc:  # noqa: BLE001
-                ok, err = False, type(exc).__name__
+            err = c.submit()
             dt = time.perf_counter() - t0
             with lock:
-                (lat.append(dt) if ok else errors.append(err))
+                (errors.append(err) if err else lat.append(dt))
     ts = [threading.Thread(target=run) for _ in range(threads)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    out_q.put((lat, errors))
+    out_q.put((lat, errors, sum(os.times()[:2])))
 
 
-def _run_and_collect(procs, q):
-    """Start the client processes, gather each one's (latencies, errors) from `q`, and join them."""
-    for p in procs:
-        p.start()
-    lat, errors = [], []
-    for _ in procs:
-        a, b = q.get()
-        lat += a
-        errors += b
-    for p in procs:
-        p.join()
-    return lat, errors
-
-
-def closed_loop(url, token, payload, clients, requests_total):
-    procs_n = min(clients, max(1, os.cpu_count() or 2) * 2, 8)
-    per_client = max(1, requests_total // clients)
-    q = mp.Queue()
-    threads_per_proc = [clients // procs_n + (1 if i < clients % procs_n else 0) for i in range(procs_n)]
-    procs = [mp.Process(target=_closed_loop_proc, args=(url, token, payload, n, per_client, q))
-             for n in threads_per_proc if n]
-    t0 = time.perf_counter()
-    lat, errors = _run_and_collect(procs, q)
-    wall = time.perf_counter() - t0
-    return summarize(lat, errors, wall, clients=clients)
-
-
-def _open_loop_proc(url, token, payload, rate, duration, start_at, offset, nprocs, out_q):
+def _open_loop_proc(addr, token, payload, arrivals, connections, out_q):
     import queue as _queue
 
-    import requests
     lat, errors = [], []
     lock = threading.Lock()
-    interval = nprocs / rate
-    n = int(duration * rate / nprocs)
     work: _queue.Queue = _queue.Queue()
 
     def sender():
-        s = requests.Session()
+        c = Client(*addr, token, payload)
         while True:
             sched = work.get()
             if sched is None:
                 return
-            try:
-                r = s.post(url + "/api/v1/jobs", headers={"Authorization": f"Bearer {token}"},
-                           files={"file": ("slice.png", payload, "image/png")}, timeout=60)
-                ok, err = r.status_code == 202, f"HTTP {r.status_code}"
-            except Exception as exc:  # noqa: BLE001
-                ok, err = False, type(exc).__name__
-            dt = time.perf_counter() - sched       # from the scheduled send time
+            err = c.submit()
+            dt = time.perf_counter() - sched       # from the scheduled arrival time
             with lock:
-                (lat.append(dt) if ok else errors.append(err))
-    senders = [threading.Thread(target=sender) for _ in range(12)]
+                (errors.append(err) if err else lat.append(dt))
+    senders = [threading.Thread(target=sender) for _ in range(connections)]
     for t in senders:
         t.start()
-    t0 = start_at + offset * interval / nprocs
-    while time.perf_counter() < start_at:
-        time.sleep(0.001)
-    for i in range(n):
-        sched = t0 + i * interval
+    for sched in arrivals:
         delay = sched - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -141,17 +188,76 @@ def _open_loop_proc(url, token, payload, rate, duration, start_at, offset, nproc
         work.put(None)
     for t in senders:
         t.join()
-    out_q.put((lat, errors))
+    out_q.put((lat, errors, sum(os.times()[:2])))
 
 
-def open_loop(url, token, payload, rate, duration):
-    nprocs = 4
+def _gather(procs, q):
+    """Start the client processes, collect each one's (latencies, errors, cpu seconds), join them."""
+    for p in procs:
+        p.start()
+    lat, errors, cpu = [], [], 0.0
+    for _ in procs:
+        a, b, c = q.get()
+        lat += a
+        errors += b
+        cpu += c
+    for p in procs:
+        p.join()
+    return lat, errors, cpu
+
+
+def _split(n, parts):
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def closed_loop(addr, token, payload, clients, requests_total, roots):
+    """`clients` closed-loop clients sending `requests_total` requests in all (rounded up per client)."""
+    nprocs = min(clients, 4)
+    per_client = max(1, -(-requests_total // clients))
     q = mp.Queue()
-    start_at = time.perf_counter() + 1.0     # perf_counter is system-wide (CLOCK_MONOTONIC) on Linux
-    procs = [mp.Process(target=_open_loop_proc, args=(url, token, payload, rate, duration, start_at, i, nprocs, q))
-             for i in range(nprocs)]
-    lat, errors = _run_and_collect(procs, q)
-    return summarize(lat, errors, duration, rate=rate)
+    start_at = time.perf_counter() + 0.5     # perf_counter is system-wide (CLOCK_MONOTONIC) on Linux
+    procs = [mp.Process(target=_closed_loop_proc, args=(addr, token, payload, n, per_client, start_at, q))
+             for n in _split(clients, nprocs) if n]
+    cpu0 = tree_cpu(roots)
+    lat, errors, client_cpu = _gather(procs, q)
+    wall = time.perf_counter() - start_at
+    cpu1 = tree_cpu(roots)
+    out = summarize(lat, errors, wall, model="closed", clients=clients)
+    out["littles_law_mean_ms"] = round(1000.0 * clients / out["throughput_rps"], 1) if out["throughput_rps"] else None
+    out["cpu_ms_per_request"] = _cpu_per_request(cpu0, cpu1, client_cpu, len(lat) + len(errors))
+    return out
+
+
+def open_loop(addr, token, payload, rate, duration, roots, seed=1):
+    """Poisson arrivals at `rate`/s for `duration` s over up to OPEN_LOOP_CONNECTIONS connections."""
+    nprocs = 4
+    rng = random.Random(seed)
+    start_at = time.perf_counter() + 1.0
+    t, arrivals = start_at, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= start_at + duration:
+            break
+        arrivals.append(t)
+    q = mp.Queue()
+    procs = [mp.Process(target=_open_loop_proc, args=(addr, token, payload, arrivals[i::nprocs], conns, q))
+             for i, conns in enumerate(_split(OPEN_LOOP_CONNECTIONS, nprocs))]
+    cpu0 = tree_cpu(roots)
+    lat, errors, client_cpu = _gather(procs, q)
+    cpu1 = tree_cpu(roots)
+    out = summarize(lat, errors, max(duration, time.perf_counter() - start_at), model="open", rate=round(rate, 1),
+                    connections=OPEN_LOOP_CONNECTIONS)
+    out["cpu_ms_per_request"] = _cpu_per_request(cpu0, cpu1, client_cpu, len(lat) + len(errors))
+    return out
+
+
+def _cpu_per_request(cpu0, cpu1, client_cpu, n):
+    if not n:
+        return None
+    out = {k: round(1000.0 * (cpu1[k] - cpu0[k]) / n, 2) for k in cpu0}
+    out["clients"] = round(1000.0 * client_cpu / n, 2)
+    out["total"] = round(sum(out.values()), 2)
+    return out
 
 
 def summarize(lat, errors, wall, **extra):
@@ -167,58 +273,153 @@ def summarize(lat, errors, wall, **extra):
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
-def end_to_end(url, token, n_batch, n_single):
+def bare_inference(json_path: Path) -> dict:
+    """`covidseg bench --backends int8` (model only and whole path, batch 8), in a subprocess at our nice level."""
+    subprocess.run([sys.executable, "-m", "shared.cli", "bench", "--backends", "int8", "--no-seed",
+                    "--repeats", "3", "--json", str(json_path)], cwd=REPO, check=True,
+                   env=localstack.service_env({}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    b = json.loads(json_path.read_text())["backends"]["int8"]
+    return {"backend": b["effective_backend"],
+            "model_slices_per_second_b8": round(b["throughput_batch8_slices_per_s"], 2),
+            "model_s_per_slice_b8": round(b["per_slice_batch8_s"], 4),
+            "whole_path_slices_per_second_b8": round(1.0 / b["whole_path_per_slice_batch8_s"], 2),
+            "loadavg": json.loads(json_path.read_text())["machine"]["loadavg_start"]}
+
+
+def _wait_done(session, url, h, job_ids, poll=0.05):
+    while True:
+        states = [session.get(f"{url}/api/v1/jobs/{j}", headers=h, timeout=30).json()["status"] for j in job_ids]
+        if all(s in ("succeeded", "failed", "cancelled") for s in states):
+            return states
+        time.sleep(poll)
+
+
+def _worker_span(engine, job_ids):
+    """(first started_at, last finished_at) of these jobs, from the job table: the worker's own time."""
+    from sqlalchemy import func, select
+
+    from shared import db
+    with engine.connect() as conn:
+        lo, hi = conn.execute(select(func.min(db.Job.started_at), func.max(db.Job.finished_at))
+                              .where(db.Job.id.in_(job_ids))).one()
+    return (hi - lo).total_seconds() if lo and hi else None
+
+
+def end_to_end(url, token, engine, n_batch, n_burst, n_single):
     import requests
     h = {"Authorization": f"Bearer {token}"}
-    payload = SLICE.read_bytes()
-    paths = sorted((REPO / "tests" / "fixtures" / "slices").glob("*"))
-    files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in
-             (paths[i % len(paths)] for i in range(n_batch))]
+    s = requests.Session()
+    paths = sorted(SLICES.glob("*"))
+    blobs = [(p.name, p.read_bytes()) for p in paths]
+    out = {}
+
+    # warm-up: the worker's first task pays one-off costs (first ORT run, connections)
+    jid = s.post(url + "/api/v1/jobs", headers=h, files={"file": blobs[0]}, timeout=60).json()["jobs"][0]["id"]
+    _wait_done(s, url, h, [jid])
+
+    files = [("file", blobs[i % len(blobs)]) for i in range(n_batch)]
     t0 = time.perf_counter()
-    r = requests.post(url + "/api/v1/jobs", headers=h, files=files, timeout=120)
+    r = s.post(url + "/api/v1/jobs", headers=h, files=files, timeout=120)
     r.raise_for_status()
+    ids = [j["id"] for j in r.json()["jobs"]]
     batch = r.json()["batch_id"]
     while True:
-        b = requests.get(f"{url}/api/v1/batches/{batch}", headers=h, timeout=30).json()
+        b = s.get(f"{url}/api/v1/batches/{batch}", headers=h, timeout=30).json()
         if b["done"]:
             break
-        time.sleep(0.2)
-    batch_s = time.perf_counter() - t0
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    span = _worker_span(engine, ids)
+    out["batch"] = {"slices": n_batch, "succeeded": b["counts"]["succeeded"], "seconds": round(wall, 2),
+                    "slices_per_second": round(n_batch / wall, 2),
+                    "worker_span_s": round(span, 2) if span else None,
+                    "worker_slices_per_second": round(n_batch / span, 2) if span else None}
+
+    if n_burst:
+        # n_burst single-slice jobs at once (interactive queue), as n_burst users would
+        ids, lock = [], threading.Lock()
+
+        def one(i):
+            sess = requests.Session()
+            j = sess.post(url + "/api/v1/jobs", headers=h, files={"file": blobs[i % len(blobs)]},
+                          timeout=60).json()["jobs"][0]["id"]
+            with lock:
+                ids.append(j)
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(n_burst)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        states = _wait_done(s, url, h, ids)
+        wall = time.perf_counter() - t0
+        span = _worker_span(engine, ids)
+        out["burst"] = {"slices": n_burst, "succeeded": states.count("succeeded"), "seconds": round(wall, 2),
+                        "slices_per_second": round(n_burst / wall, 2),
+                        "worker_span_s": round(span, 2) if span else None}
+
     singles = []
-    for _ in range(n_single):
+    for i in range(n_single):
         t1 = time.perf_counter()
-        jid = requests.post(url + "/api/v1/jobs", headers=h, files={"file": ("s.png", payload)},
-                            timeout=60).json()["jobs"][0]["id"]
-        while requests.get(f"{url}/api/v1/jobs/{jid}", headers=h, timeout=30).json()["status"] not in (
-                "succeeded", "failed"):
-            time.sleep(0.05)
+        jid = s.post(url + "/api/v1/jobs", headers=h, files={"file": blobs[i % len(blobs)]},
+                     timeout=60).json()["jobs"][0]["id"]
+        _wait_done(s, url, h, [jid], poll=0.02)
         singles.append(time.perf_counter() - t1)
-    return {"batch_slices": n_batch, "batch_seconds": round(batch_s, 2),
-            "slices_per_second": round(n_batch / batch_s, 2), "batch_succeeded": b["counts"]["succeeded"],
-            "single_job_latency_p50_s": round(statistics.median(singles), 2) if singles else None,
-            "single_job_latency_max_s": round(max(singles), 2) if singles else None}
+    out["single"] = {"jobs": n_single, "latency_p50_s": round(statistics.median(singles), 3) if singles else None,
+                     "latency_max_s": round(max(singles), 3) if singles else None}
+    return out
 
 
+_PHASES = re.compile(r"task timings: slices=(\d+) (.*)$")
+
+
+def worker_phases(log_path: Path) -> dict | None:
+    """Sum of the worker's per-task phase timings (`task timings:` log lines), when the worker logs them."""
+    tasks, slices, sums = 0, 0, {}
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        m = _PHASES.search(line)
+        if not m:
+            continue
+        tasks += 1
+        slices += int(m.group(1))
+        for part in m.group(2).split():
+            k, _, v = part.partition("=")
+            sums[k] = sums.get(k, 0.0) + float(v)
+    if not tasks:
+        return None
+    return {"tasks": tasks, "slices": slices, "seconds": {k: round(v, 2) for k, v in sums.items()},
+            "s_per_slice": {k: round(v / slices, 4) for k, v in sums.items()}}
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=str(REPO / "artifacts" / "bench_service.json"))
     ap.add_argument("--db", choices=("postgresql", "sqlite"), default="postgresql")
-    ap.add_argument("--clients", default="1,10,50")
-    ap.add_argument("--requests", type=int, default=400, help="requests per closed-loop level")
-    ap.add_argument("--rate", type=float, default=40.0, help="open-loop rate (requests/s)")
-    ap.add_argument("--duration", type=float, default=10.0, help="open-loop duration (s)")
-    ap.add_argument("--api-workers", type=int, default=3)
-    ap.add_argument("--api-threads", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=32, help="slices in the end-to-end batch")
+    ap.add_argument("--clients", default="1,10,50", help="closed-loop client counts ('' = none)")
+    ap.add_argument("--requests", type=int, default=400,
+                    help="requests per closed-loop level (at least 20 per client)")
+    ap.add_argument("--rates", default="auto",
+                    help="open-loop rates in requests/s, or 'auto' = 25,50,75 %% of the 50-client capacity")
+    ap.add_argument("--duration", type=float, default=10.0, help="open-loop duration per rate (s)")
+    ap.add_argument("--api-workers", type=int, default=None, help="gunicorn workers (default: the setting)")
+    ap.add_argument("--api-threads", type=int, default=None, help="threads per worker (default: the setting)")
+    ap.add_argument("--batch", type=int, default=48, help="slices in the end-to-end batch")
+    ap.add_argument("--burst", type=int, default=16, help="single-slice jobs submitted at once")
     ap.add_argument("--singles", type=int, default=5)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-submit", action="store_true")
     args = ap.parse_args(argv)
 
+    from shared.settings import Settings
+    defaults = Settings()
+    workers = args.api_workers or defaults.api_workers
+    threads = args.api_threads or defaults.api_threads
     base = Path(tempfile.mkdtemp(prefix="covidseg-bench-"))
     redis = localstack.RedisServer(base / "redis").start()
     weed = localstack.SeaweedS3(base / "weed", "bench", "bench-secret-key").start()
     pg = None
-    api = worker = None
+    api = worker = engine = None
     try:
         if args.db == "postgresql":
             pg = localstack.Postgres().start()
@@ -228,74 +429,126 @@ def main(argv=None) -> int:
         env = {"COVIDSEG_DATABASE_URL": url, "COVIDSEG_BROKER_URL": redis.url,
                "COVIDSEG_S3_ENDPOINT": weed.endpoint, "COVIDSEG_S3_ACCESS_KEY": "bench",
                "COVIDSEG_S3_SECRET_KEY": "bench-secret-key", "COVIDSEG_S3_BUCKET": "bench",
-               "COVIDSEG_API_WORKERS": str(args.api_workers), "COVIDSEG_API_THREADS": str(args.api_threads),
-               "COVIDSEG_DB_POOL_SIZE": str(args.api_threads), "COVIDSEG_LOG_LEVEL": "WARNING"}
+               "COVIDSEG_API_WORKERS": str(workers), "COVIDSEG_API_THREADS": str(threads),
+               "COVIDSEG_DB_POOL_SIZE": str(threads), "COVIDSEG_LOG_LEVEL": "WARNING"}
         localstack.migrate(url)
         localstack.ensure_bucket(env)
         token = localstack.create_token(env, "bench")
         port = localstack.free_port()
         api = localstack.start_api(env, base / "api.log", port)
         api_url = f"http://127.0.0.1:{port}"
+        addr = ("127.0.0.1", port)
         payload = SLICE.read_bytes()
+        roots = {"api": api.pid, "s3": weed.proc.pid, "redis": redis.pid()}
+        if pg:
+            roots["db"] = int((pg.data / "postmaster.pid").read_text().split()[0])
         results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                               "nice": os.nice(0),
                                "loadavg_before": [round(x, 2) for x in os.getloadavg()],
                                "note": "2 shared cores; other processes (e.g. a training run) may be using them"},
-                   "config": {"db": args.db, "api_workers": args.api_workers, "api_threads": args.api_threads,
-                              "payload_bytes": len(payload)},
-                   "submit_closed_loop": [], "submit_open_loop": None, "end_to_end": None}
-        closed_loop(api_url, token, payload, 4, 40)     # warm-up: connections, pools, token cache
-        for c in [int(x) for x in args.clients.split(",")]:
-            res = closed_loop(api_url, token, payload, c, max(args.requests, c * 4))
-            results["submit_closed_loop"].append(res)
-            print(f"closed loop {c:>3} clients: {res}", flush=True)
-        results["submit_open_loop"] = open_loop(api_url, token, payload, args.rate, args.duration)
-        print(f"open loop {args.rate:g}/s: {results['submit_open_loop']}", flush=True)
+                   "config": {"db": args.db, "api_workers": workers, "api_threads": threads,
+                              "payload_bytes": len(payload),
+                              "db_note": "bench PostgreSQL runs with fsync=off, synchronous_commit=off"},
+                   "load_models": {
+                       "closed": "C clients, one keep-alive connection each, next request as soon as the previous "
+                                 "returns (zero think time); mean latency = C / throughput (Little's law)",
+                       "open": f"Poisson arrivals at a fixed rate over up to {OPEN_LOOP_CONNECTIONS} connections; "
+                               "latency from the scheduled arrival (no coordinated omission)"},
+                   "submit_closed_loop": [], "submit_open_loop": [], "end_to_end": None}
+        if not args.skip_submit:
+            # warm-up: every gunicorn thread opens its DB and S3 connections, the token cache fills
+            closed_loop(addr, token, payload, 50, 200, roots)
+            for c in [int(x) for x in args.clients.split(",") if x]:
+                res = closed_loop(addr, token, payload, c, max(args.requests, c * 20), roots)
+                results["submit_closed_loop"].append(res)
+                print(f"closed loop {c:>3} clients: {res}", flush=True)
+            cap = next((r["throughput_rps"] for r in results["submit_closed_loop"] if r["clients"] == 50), None)
+            if args.rates == "auto":
+                cap = cap or closed_loop(addr, token, payload, 50, 1000, roots)["throughput_rps"]
+                rates = [round(cap * f, 1) for f in (0.25, 0.5, 0.75)]
+            else:
+                rates = [float(x) for x in args.rates.split(",") if x]
+            for rate in rates:
+                res = open_loop(addr, token, payload, rate, args.duration, roots)
+                results["submit_open_loop"].append(res)
+                print(f"open loop {rate:g}/s: {res}", flush=True)
         if not args.skip_e2e:
-            worker_log = base / "worker.log"
-            worker = localstack.start_worker(env, worker_log)
-            deadline = time.monotonic() + 300
-            while not localstack.worker_ready(worker_log) and time.monotonic() < deadline:
-                time.sleep(0.5)
             # purge the submit-latency jobs first so the end-to-end run measures only its own slices
             import redis as redis_lib
-            redis_lib.Redis.from_url(redis.url).flushdb()
             from sqlalchemy import update
 
             from shared import db
-            eng = db.make_engine(url)
-            with eng.begin() as conn:
+            redis_lib.Redis.from_url(redis.url).flushdb()
+            engine = db.make_engine(url)
+            with engine.begin() as conn:
                 conn.execute(update(db.Job).where(db.Job.status.in_(db.ACTIVE)).values(status=db.CANCELLED))
-            eng.dispose()
-            results["end_to_end"] = end_to_end(api_url, token, args.batch, args.singles)
-            print(f"end to end: {results['end_to_end']}", flush=True)
+            results["bare_inference"] = bare_inference(base / "bare.json")
+            print(f"bare inference: {results['bare_inference']}", flush=True)
+            worker_log = base / "worker.log"
+            worker = localstack.start_worker(dict(env, COVIDSEG_LOG_LEVEL="INFO"), worker_log)
+            deadline = time.monotonic() + 300
+            while not localstack.worker_ready(worker_log) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            e2e = end_to_end(api_url, token, engine, args.batch, args.burst, args.singles)
+            bare = results["bare_inference"]["model_slices_per_second_b8"]
+            e2e["batch"]["vs_bare_model"] = round(e2e["batch"]["slices_per_second"] / bare, 3)
+            if e2e["batch"]["worker_slices_per_second"]:
+                e2e["batch"]["worker_vs_bare_model"] = round(e2e["batch"]["worker_slices_per_second"] / bare, 3)
+            if "burst" in e2e:
+                e2e["burst"]["vs_bare_model"] = round(e2e["burst"]["slices_per_second"] / bare, 3)
+            e2e["worker_phases"] = worker_phases(worker_log)
+            results["end_to_end"] = e2e
+            print(f"end to end: {e2e}", flush=True)
         results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         localstack.stop_process(worker)
         localstack.stop_process(api)
+        if engine is not None:
+            engine.dispose()
         weed.stop()
         redis.stop()
         if pg:
             pg.destroy()
 
-    print("\n| submit (closed loop) | requests | errors | p50 ms | p99 ms | max ms | req/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in results["submit_closed_loop"]:
-        print(f"| {r['clients']} clients | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r['max_ms']} | {r['throughput_rps']} |")
-    o = results["submit_open_loop"]
-    print(f"| open loop {o['rate']:g}/s | {o['requests']} | {o['errors']} | {o['p50_ms']} | {o['p99_ms']} | "
-          f"{o['max_ms']} | {o['throughput_rps']} |")
-    if results["end_to_end"]:
-        e = results["end_to_end"]
-        print(f"\nend to end, one worker: {e['batch_slices']} slices in {e['batch_seconds']} s = "
-              f"{e['slices_per_second']} slices/s; single job submit->succeeded p50 {e['single_job_latency_p50_s']} s")
-    print(f"load average before/after: {results['machine']['loadavg_before']} / "
-          f"{results['machine']['loadavg_after']}")
+    print_tables(results)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def print_tables(results):
+    rows = results["submit_closed_loop"] + results["submit_open_loop"]
+    if rows:
+        print("\n| submit load | requests | errors | p50 ms | p99 ms | max ms | req/s | C/X ms | CPU ms/req "
+              "(api, s3, db, redis, clients) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        what = (f"closed, {r['clients']} clients" if r["model"] == "closed"
+                else f"open, {r['rate']:g}/s Poisson, {r['connections']} conns")
+        c = r["cpu_ms_per_request"] or {}
+        cpu = ", ".join(f"{c.get(k, '-')}" for k in ("api", "s3", "db", "redis", "clients"))
+        print(f"| {what} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+              f"{r['throughput_rps']} | {r.get('littles_law_mean_ms', '')} | {cpu} (= {c.get('total')}) |")
+    e = results.get("end_to_end")
+    if e:
+        b, bare = e["batch"], results["bare_inference"]
+        print(f"\nbare inference (covidseg bench, int8, batch 8): {bare['model_slices_per_second_b8']} slices/s "
+              f"(whole path {bare['whole_path_slices_per_second_b8']} slices/s)")
+        print(f"end to end, one worker: {b['slices']}-slice batch in {b['seconds']} s = {b['slices_per_second']} "
+              f"slices/s ({b['vs_bare_model']:.0%} of bare); worker span {b['worker_span_s']} s = "
+              f"{b['worker_slices_per_second']} slices/s")
+        if "burst" in e:
+            u = e["burst"]
+            print(f"burst of {u['slices']} single-slice jobs: {u['seconds']} s = {u['slices_per_second']} slices/s "
+                  f"({u['vs_bare_model']:.0%} of bare)")
+        print(f"single job submit -> succeeded: p50 {e['single']['latency_p50_s']} s, max "
+              f"{e['single']['latency_max_s']} s")
+        if e.get("worker_phases"):
+            print(f"worker phases, s per slice: {e['worker_phases']['s_per_slice']}")
+    print(f"load average before/after: {results['machine']['loadavg_before']} / "
+          f"{results['machine'].get('loadavg_after')}")
 
 
 if __name__ == "__main__":
