@@ -42,6 +42,7 @@ test-web: setup
 bench: setup
 	$(PY) -m shared.cli bench --json artifacts/bench.json
 	$(MAKE) --no-print-directory bench-service
+	nice -n 5 $(PY) scripts/bench_studies.py --json artifacts/bench_studies.json
 
 ## bench-service: submit latency p50/p99 at 1/10/50 clients + open loop, end-to-end slices/s (one worker)
 bench-service: setup
