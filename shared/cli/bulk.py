@@ -985,7 +985,9 @@ def cmd_fetch(args) -> int:
             running = [sid for sid in ids if results.get(sid, ("",))[0] not in FINISHED + ("error",)]
             if running:
                 mean = sum(state.studies.get(sid, {}).get("progress") or 0.0 for sid in running) / len(running)
-                bar.set_postfix_str(f"{len(running)} in progress, mean {mean:.0f}%", refresh=True)
+                bar.set_postfix_str(f"{len(running)} not finished, mean progress {mean:.0f}%", refresh=True)
+            else:
+                bar.set_postfix_str("", refresh=True)
             if unreachable is not None or not args.wait or not running:
                 break
             time.sleep(args.interval)
