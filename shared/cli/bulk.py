@@ -335,6 +335,10 @@ class Fatal(CLIError):
     """Stops the whole run (token refused, no studies API, server unreachable)."""
 
 
+class Stopped(Exception):
+    """The run is stopping (Ctrl+C, a fatal error elsewhere, server unreachable): no new request is sent."""
+
+
 class TransientFailure(Exception):
     """Retries exhausted on connection errors / 5xx / 429; `unreachable` when no answer came at all."""
 
@@ -410,12 +414,12 @@ class Client:
 
     def request(self, method: str, path: str, *, make_kwargs=None, on_retry=None, **kw):
         """Send with retries on connection errors, timeouts, 429 and 5xx; returns the final response for any
-        other status. Raises TransientFailure when the retries are used up."""
+        other status. Raises TransientFailure when the retries are used up, Stopped when the run is stopping."""
         import requests
         last, unreachable = "", True
         for attempt in range(self.policy.retries + 1):
             if self.stop.is_set():
-                raise TransientFailure("stopped", unreachable=False)
+                raise Stopped()
             kwargs = dict(kw)
             if make_kwargs is not None:
                 kwargs.update(make_kwargs())
@@ -436,7 +440,7 @@ class Client:
             if attempt < self.policy.retries:
                 # wait, but wake up at once when the run is being stopped
                 if self.stop.wait(self.policy.delay(attempt, retry_after)):
-                    raise TransientFailure("stopped", unreachable=False)
+                    raise Stopped()
         raise TransientFailure(f"{last} (after {self.policy.retries + 1} attempts)", unreachable=unreachable)
 
 
@@ -637,10 +641,10 @@ class Submitter:
                                                   "Idempotency-Key": entry["key"]}}
             try:
                 resp = self.client.request("POST", "api/v1/studies", make_kwargs=make_kwargs)
+            except Stopped:
+                self.manifest.update(study.rel, state="pending", requests=requests_before + tries["n"])
+                return SubmitOutcome(study.rel, "skipped")
             except TransientFailure as exc:
-                if str(exc) == "stopped":
-                    self.manifest.update(study.rel, state="pending", requests=requests_before + tries["n"])
-                    return SubmitOutcome(study.rel, "skipped")
                 self.manifest.update(study.rel, state="pending", error=str(exc), http_status=None,
                                      requests=requests_before + tries["n"])
                 if exc.unreachable:
@@ -708,7 +712,8 @@ def cmd_submit(args) -> int:
     try:
         resp = client.request("GET", "api/v1/studies", params={"limit": 1})
     except TransientFailure as exc:
-        print(f"error: cannot reach {server}: {exc}; nothing was submitted (run again later: the manifest "
+        what = "cannot reach" if exc.unreachable else "no usable answer from"
+        print(f"error: {what} {server}: {exc}; nothing was submitted (run again later: the manifest "
               f"{manifest_path} keeps the {len(studies)} studies)", file=sys.stderr)
         return 1
     _check_auth_and_api(resp, server)
