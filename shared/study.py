@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import hmac
 import io
 import json
 import shutil
@@ -191,8 +192,9 @@ def _extract_zip(data: bytes, label: str, staging: Path, budget: _Budget) -> tup
 
 
 def _series_key_hash(uid: str, salt) -> str:
-    salt_b = salt.encode() if isinstance(salt, str) else bytes(salt)
-    return hashlib.sha256(salt_b + b"\x00" + uid.encode()).hexdigest()[:32]
+    """HMAC-SHA256 of the series UID keyed by the salt (128 bits, hex): stable, not reversible without it."""
+    key = salt.encode() if isinstance(salt, str) else bytes(salt)
+    return hmac.new(key, uid.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def unpack_study_upload(files: list[tuple[str, bytes]], dest: Path, *, series_uid: str | None = None,
@@ -226,8 +228,10 @@ def unpack_study_upload(files: list[tuple[str, bytes]], dest: Path, *, series_ui
         raise StudyError("no file uploaded: send a .zip of a DICOM series, DICOM files or one .nii/.nii.gz")
     dest.mkdir(parents=True, exist_ok=True)
     staging = dest / ".incoming"
-    if staging.exists():
+    if staging.exists():  # left over by a killed process
         shutil.rmtree(staging)
+    if any(dest.iterdir()):
+        raise ValueError(f"{dest} is not empty: a study folder holds exactly one unpacked upload")
     staging.mkdir()
     written: list[Path] = []
     try:
@@ -348,6 +352,9 @@ def _unpack_nifti(blob: _Blob, dest: Path, deidentify: bool, max_bytes: int, max
     spacing = np.sqrt((disp_affine[:3, :3] ** 2).sum(axis=0))  # (col, row, slice)
     if disp_shape[2] > max_slices:
         raise StudyError(f"{blob.label}: {disp_shape[2]:,} slices (limit {max_slices:,})")
+    if min(disp_shape[:2]) < 16 or max(disp_shape[:2]) > MAX_SLICE_SIDE:
+        raise StudyError(f"{blob.label}: axial slices of {disp_shape[0]}x{disp_shape[1]} voxels are out of range "
+                         f"(16 to {MAX_SLICE_SIDE} a side)")
     is_hu = bool(float(data.min()) <= -500 and float(data.max()) >= 0)
     return {"format": "nifti", "modality": "CT" if is_hu else "unknown", "n_slices": int(disp_shape[2]),
             "shape": [int(disp_shape[2]), int(disp_shape[1]), int(disp_shape[0])],
@@ -396,13 +403,9 @@ def _unpack_dicom(blobs: list[_Blob], dest: Path, series_uid, deidentify: bool, 
         if deidentify:
             deidentify_dataset(ds, salt)
         out = dest / f"{k:04d}.dcm"
-        if deidentify:
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            data = buf.getvalue()
-        else:
-            data = b.path.read_bytes()
-        out.write_bytes(data)
+        buf = io.BytesIO()  # always re-written: raw datasets get a file meta header, files a standard layout
+        ds.save_as(buf, enforce_file_format=True)
+        out.write_bytes(buf.getvalue())
         written.append(out)
     ref = ordered[0][1]
     return {"format": "dicom", "modality": str(ref.get("Modality", "") or "CT").upper(),
@@ -516,11 +519,32 @@ def _check_series(items: list) -> tuple[list, dict]:
                      "orientation": orientation}
 
 
+def _ensure_file_meta(ds) -> None:
+    """Raw datasets (no preamble, no file meta) get the transfer syntax they were read with, so their pixels
+    decode and they can be written as files."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    meta = meta if meta is not None else FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+    if "SOPClassUID" in ds:
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    if "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta = meta
+
+
 def _read_full(blob: _Blob):
     """The whole dataset, its pixels decoded once: missing, damaged or undecodable pixel data fails the upload
     (a 4xx now) instead of the worker later."""
     try:
         ds = imageio._dcmread(str(blob.path))
+        _ensure_file_meta(ds)
         arr = imageio._dicom_pixels(ds)
         if arr.shape != (int(ds.Rows), int(ds.Columns)):
             raise StudyError(f"{blob.label}: pixel data of shape {arr.shape} does not match its "
@@ -642,8 +666,9 @@ class StudyAnalysis:
     """Result of `analyse_study` on the volume's display grid (z, y, x) = (slice, row, column).
 
     `infection`: uint8 0/1, predicted infection inside the lung (the lesion mask written as mask.nii.gz);
-    `lung`: uint8 0/1 lung mask (predicted infection touching the lung merged in); `probability`: float32 model
-    output (None when not kept); `report`: the report.json dict.
+    `lung`: uint8 0/1 lung mask (predicted infection touching the lung merged in); `probability`: the model's
+    output as float16, for display (None when not kept; the masks come from the float32 output); `report`: the
+    report.json dict.
     """
 
     infection: np.ndarray
@@ -708,7 +733,14 @@ def analyse_study(volume: Volume, segmenter, *, batch_size: int = 8,
 
     Infection = `prob >= threshold` inside the lung mask (predictions not touching the lung are outside the
     lungs and not counted; their volume is reported as `predicted_outside_lung_ml`). Lesion mL = lesion voxel
-    count x voxel volume / 1000; percent involved = lesion voxels / lung voxels x 100.
+    count x voxel volume / 1000; percent involved = lesion voxels / lung voxels x 100 (null, with a warning,
+    when no lung is found); `ct_score` from it (see `ct_score`).
+
+    Report extras beyond the contract: `sides` are the PATIENT's left and right (from the affine's column axis;
+    "image_left"/"image_right" if the columns do not run left-right); slice indices (`top_slices`,
+    `slice_lesion_area_mm2`, overlays/NNNN.png) count along the display grid's slice axis, whose direction is
+    the third letter of `orientation` (e.g. "LPS": index 0 is the most inferior slice); `lesion_voxels`,
+    `lung_voxels`, `predicted_outside_lung_ml`, `is_hu`, `warnings`.
     """
     from shared import lung as lung_lib
 
@@ -718,7 +750,7 @@ def analyse_study(volume: Volume, segmenter, *, batch_size: int = 8,
     bs = max(1, int(batch_size))
     images = volume.slice_images()
     shape = volume.slices.shape
-    prob = np.zeros(shape, np.float32) if keep_probability else None
+    prob = np.zeros(shape, np.float16) if keep_probability else None  # for display only: half the memory
     predicted = np.zeros(shape, np.uint8)
     lung = np.zeros(shape, np.uint8)
     for start in range(0, n, bs):
@@ -800,10 +832,15 @@ def _nifti_bytes(volume: Volume, mask: np.ndarray) -> bytes:
 
 
 def _view_probability(analysis: StudyAnalysis, k: int) -> np.ndarray:
-    """The probability shown for slice k: only inside the lung (what the numbers count)."""
-    if analysis.probability is not None:
-        return np.where(analysis.lung[k] > 0, analysis.probability[k], 0.0).astype(np.float32)
-    return analysis.infection[k].astype(np.float32)
+    """The probability shown for slice k: zero outside the lung, and on the right side of the threshold
+    everywhere, so the overlay's outline (`prob >= threshold`) is exactly the counted infection."""
+    inf = analysis.infection[k] > 0
+    if analysis.probability is None:
+        return inf.astype(np.float32)
+    thr = np.float32(analysis.report.get("model", {}).get("threshold", THRESHOLD))
+    p = analysis.probability[k].astype(np.float32)
+    p = np.where(inf, np.maximum(p, thr), np.minimum(p, np.nextafter(thr, np.float32(0))))
+    return np.where(analysis.lung[k] > 0, p, np.float32(0)).astype(np.float32, copy=False)
 
 
 #: BGR colour of the lung outline in overlays
@@ -843,6 +880,7 @@ def summary_png(volume: Volume, analysis: StudyAnalysis, images: list[np.ndarray
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, 4, height_ratios=[1.25, 1], hspace=0.28, wspace=0.08)
     area = rep["slice_lesion_area_mm2"]
+    sides_shown = _patient_sides(volume)
     for i in range(4):
         ax = fig.add_subplot(grid[0, i])
         ax.axis("off")
@@ -850,6 +888,10 @@ def summary_png(volume: Volume, analysis: StudyAnalysis, images: list[np.ndarray
             k = keys[i]
             ax.imshow(cv2.cvtColor(overlay_slice(images[k], analysis, k), cv2.COLOR_BGR2RGB))
             ax.set_title(f"slice {k}: {area[k]:.0f} mm²", fontsize=10)
+            for x, side, ha in ((0.02, sides_shown[0], "left"), (0.98, sides_shown[1], "right")):
+                if side in ("left", "right"):  # the patient's side at each image edge
+                    ax.text(x, 0.5, side[0].upper(), color="white", fontsize=11, ha=ha, va="center",
+                            transform=ax.transAxes)
     ax = fig.add_subplot(grid[1, :2])
     ax.fill_between(range(len(area)), np.asarray(area) / 100.0, color="#d9534f", alpha=0.7, step="mid")
     ax.set_xlabel("slice")
