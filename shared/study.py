@@ -272,8 +272,8 @@ def unpack_study_upload(files: list[tuple[str, bytes]], dest: Path, *, series_ui
             if len(nifti) > 1 or blobs:
                 raise StudyError("a NIfTI volume must be uploaded alone (one .nii/.nii.gz per study, no DICOM "
                                  "files or other volumes with it)")
-            meta = _unpack_nifti(nifti[0], dest, deidentify, max_bytes, max_files)
             written.append(dest / NIFTI_NAME)
+            meta = _unpack_nifti(nifti[0], dest, deidentify, max_bytes, max_files)
             meta.update({"n_files": 1, "skipped_files": skipped, "series_count": 1, "series_uid_hash": None})
             return meta
         meta = _unpack_dicom(blobs, dest, series_uid, deidentify, salt, written)
@@ -334,14 +334,6 @@ def _unpack_nifti(blob: _Blob, dest: Path, deidentify: bool, max_bytes: int, max
         raise StudyError(f"{blob.label}: unsupported NIfTI voxel type {data.dtype} (expected a grayscale CT)")
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         raise StudyError(f"{blob.label}: the volume has NaN or infinite voxels")
-    header = img.header.copy()
-    if deidentify:  # free-text fields and extensions (which can carry whole DICOM headers)
-        for key in ("descrip", "aux_file", "intent_name", "db_name"):
-            if key in header:
-                header[key] = b""
-        header.extensions.clear()
-    out = type(img)(data, affine, header)
-    nib.save(out, str(dest / NIFTI_NAME))
     # geometry of the display grid the study will be read on (shared.imageio.read_nifti)
     src_ornt = nib.orientations.io_orientation(affine)
     to_disp = nib.orientations.ornt_transform(src_ornt, nib.orientations.axcodes2ornt(imageio.DISPLAY_AXCODES))
@@ -355,6 +347,14 @@ def _unpack_nifti(blob: _Blob, dest: Path, deidentify: bool, max_bytes: int, max
     if min(disp_shape[:2]) < 16 or max(disp_shape[:2]) > MAX_SLICE_SIDE:
         raise StudyError(f"{blob.label}: axial slices of {disp_shape[0]}x{disp_shape[1]} voxels are out of range "
                          f"(16 to {MAX_SLICE_SIDE} a side)")
+    header = img.header.copy()
+    if deidentify:  # free-text fields and extensions (which can carry whole DICOM headers)
+        for key in ("descrip", "aux_file", "intent_name", "db_name"):
+            if key in header:
+                header[key] = b""
+        header.extensions.clear()
+    out = type(img)(data, affine, header)
+    nib.save(out, str(dest / NIFTI_NAME))
     is_hu = bool(float(data.min()) <= -500 and float(data.max()) >= 0)
     return {"format": "nifti", "modality": "CT" if is_hu else "unknown", "n_slices": int(disp_shape[2]),
             "shape": [int(disp_shape[2]), int(disp_shape[1]), int(disp_shape[0])],

@@ -181,6 +181,14 @@ def test_image_outputs(dicom_case):
     assert coloured[dicom_case["analysis"].infection[k] > 0].mean() > 0.5
 
 
+def test_overlay_outline_is_the_counted_infection(dicom_case):
+    a = dicom_case["analysis"]
+    assert a.probability.dtype == np.float16
+    for k in range(8):
+        view = study._view_probability(a, k)
+        assert np.array_equal(view >= 0.5, a.infection[k] > 0) and not view[a.lung[k] == 0].any()
+
+
 def test_progress_reaches_total(dicom_case):
     assert dicom_case["calls"] == [(4, 8), (8, 8)]
 
@@ -278,6 +286,31 @@ def test_zip_upload_skips_junk_and_non_dicom(dicom_case, tmp_path):
     assert meta["n_slices"] == 8 and meta["skipped_files"] == 3
     assert meta["series_uid_hash"] == dicom_case["meta"]["series_uid_hash"]
     assert sorted(p.name for p in (tmp_path / "z").iterdir()) == [f"{k:04d}.dcm" for k in range(8)]
+
+
+def test_raw_dicom_without_file_meta(small_hu, tmp_path):
+    """DICOM datasets without preamble and file meta (explicit VR little endian) are accepted."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    raw = []
+    for name, data in dicom_files(tmp_path / "s", small_hu):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        del ds.file_meta
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_dataset(fp, ds)
+        raw.append((name, fp.getvalue()))
+    assert raw[0][1][128:132] != b"DICM"
+    study.unpack_study_upload(raw, tmp_path / "n")
+    assert np.array_equal(study.load_study(tmp_path / "n").slices, small_hu.astype(np.float32))
+
+
+def test_dest_must_be_empty(small_hu, tmp_path):
+    files = dicom_files(tmp_path / "s", small_hu)
+    study.unpack_study_upload(files, tmp_path / "n")
+    with pytest.raises(ValueError, match="not empty"):
+        study.unpack_study_upload(files, tmp_path / "n")
 
 
 # ---------------------------------------------------------------------------------------------------- NIfTI
@@ -456,6 +489,8 @@ def test_broken_and_foreign_inputs(small_hu, tmp_path):
     nii = write_nifti(tmp_path / "v.nii.gz", small_hu.transpose(2, 1, 0), np.eye(4)).read_bytes()
     _refused(files + [("v.nii.gz", nii)], tmp_path / "o7", "NIfTI volume must be uploaded alone")
     _refused([("v.nii.gz", nii[:-3000])], tmp_path / "o8", "NIfTI")
+    thin = write_nifti(tmp_path / "t.nii", np.zeros((8, 256, 4), np.int16), np.eye(4)).read_bytes()
+    _refused([("t.nii", thin)], tmp_path / "o10", "axial slices of 8x256 voxels are out of range")
     _refused([("z.zip", zip_bytes([("readme.txt", b"nothing here")]))], tmp_path / "o9", "no DICOM files")
 
 
