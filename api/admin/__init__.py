@@ -321,3 +321,6 @@ def get_workers():
 def me():
     sess, user = g.admin
     return jsonify(username=user.username, session_expires_at=stats.iso(sess.expires_at))
+
+
+from api.admin import studies as _studies  # noqa: E402,F401 - whole studies (issue 5): routes on the blueprints above

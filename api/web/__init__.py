@@ -37,3 +37,10 @@ def index():
     s = current_app.extensions["covidseg"].settings
     return render_template("index.html", api_base="/api/v1", max_upload_bytes=s.max_upload_bytes,
                            max_files=s.max_files_per_request)
+
+
+@bp_web.get("/studies")
+def studies():
+    """Whole CT studies: upload a DICOM series or NIfTI volume, follow progress, see the report (issue 5)."""
+    s = current_app.extensions["covidseg"].settings
+    return render_template("studies.html", api_base="/api/v1", max_upload_bytes=s.study_max_upload_bytes)

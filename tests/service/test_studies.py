@@ -464,6 +464,58 @@ def test_database_rows_api_answers_and_logs_never_hold_patient_data(stack):
         assert not [n for n in needles if n in text], log
 
 
+# --- web page and admin dashboard -----------------------------------------------------------------------------------
+def test_web_page_and_admin_dashboard_show_studies(stack):
+    """/studies (public page, bearer token in the browser) and /admin/studies (admin session): pages served with
+    the strict CSP, and the admin JSON lists every token's studies with progress, report numbers and the summary."""
+    import re
+    import subprocess
+    import sys
+
+    import requests
+
+    import localstack
+    page = requests.get(stack.url + "/studies", timeout=30)
+    assert page.status_code == 200 and "studies.js" in page.text and "script-src 'self'" in \
+        page.headers["Content-Security-Policy"]
+    js = requests.get(stack.url + "/static/web/studies.js", timeout=30)
+    assert js.status_code == 200 and "/studies" in js.text
+    assert requests.get(stack.url + "/admin/studies", timeout=30, allow_redirects=False).status_code == 302
+    assert requests.get(stack.url + "/api/v1/admin/studies", timeout=30).status_code == 401
+
+    user, password = f"studies-admin-{stack.backend}", "a long admin password 9"
+    out = subprocess.run([sys.executable, "-m", "shared.cli", "admin", "create", user, "--password-stdin"],
+                         input=password + "\n", text=True, capture_output=True, cwd=REPO,
+                         env=localstack.service_env(stack.env), timeout=120)
+    assert out.returncode == 0 or "exists" in (out.stdout + out.stderr), out.stdout + out.stderr
+    web = requests.Session()
+    form = web.get(stack.url + "/admin/login", timeout=30).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    r = web.post(stack.url + "/admin/login", data={"username": user, "password": password, "csrf_token": csrf},
+                 headers={"Origin": stack.url}, timeout=30, allow_redirects=False)
+    assert r.status_code == 303, r.text
+    page = web.get(stack.url + "/admin/studies", timeout=30)
+    assert page.status_code == 200 and 'data-mode="admin"' in page.text and "studies.js" in page.text
+    session_csrf = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text).group(1)
+    assert "/admin/studies" in web.get(stack.url + "/admin", timeout=30).text      # linked from the dashboard
+
+    listing = web.get(stack.url + "/api/v1/admin/studies?status=succeeded&limit=5", timeout=30).json()
+    assert listing["counts"]["succeeded"] >= 1 and listing["studies"]
+    first = listing["studies"][0]
+    assert first["status"] == "succeeded" and first["report"]["ct_score"] in (0, 1, 2, 3, 4)
+    assert first["token"] == f"tests-{stack.backend}" and first["worker"]
+    assert first["links"]["summary"].startswith("/api/v1/admin/studies/")
+    summary = web.get(stack.url + first["links"]["summary"], timeout=30)
+    assert summary.status_code == 200 and summary.content[:4] == b"\x89PNG"
+    found = web.get(stack.url + "/api/v1/admin/studies?q=" + first["id"][:10], timeout=30).json()["studies"]
+    assert [st["id"] for st in found] == [first["id"]]
+    # state changes need the session's CSRF token; a finished study cannot be cancelled
+    assert web.post(stack.url + first["links"]["cancel"], json={}, timeout=30).status_code == 403
+    r = web.post(stack.url + first["links"]["cancel"], json={}, timeout=30,
+                 headers={"X-CSRF-Token": session_csrf, "Origin": stack.url})
+    assert r.status_code == 409 and r.json()["code"] == "study_finished"
+
+
 # --- contract checks without the workers ---------------------------------------------------------------------------
 def test_openapi_documents_every_study_route():
     from api import create_app

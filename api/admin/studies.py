@@ -1,0 +1,125 @@
+"""Admin dashboard for whole studies: the page /admin/studies and /api/v1/admin/studies* (every token's studies).
+
+The page is the same script as the public studies page (api/web/static/studies.js, in admin mode: session cookie
++ X-CSRF-Token instead of a bearer token). State changes reuse the public API's transitions (api.studies.cancel /
+retry), and result files stream through the same function.
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import g, jsonify, request, url_for
+from sqlalchemy import func, select
+
+from api.admin import _ID, _HEX_PREFIX, _page, bp_admin, bp_admin_api
+from api.admin.auth import admin_api, admin_page, services
+from api.errors import ApiError
+from api.params import created_range_and_page, encode_cursor
+from api.studies import cancel, retry, study_file_response, study_json
+from shared import db
+
+log = logging.getLogger("covidseg.admin")
+
+
+def admin_study_json(study: db.Study, token_name: str | None) -> dict:
+    out = study_json(study)
+    out["token"] = token_name
+    out["worker"] = study.worker
+    sid = study.id
+
+    def file_link(name):
+        return url_for("admin_api.get_study_file", study_id=sid, name=name)
+    out["links"] = {"self": url_for("admin_api.get_study", study_id=sid),
+                    "report": file_link("report.json"), "summary": file_link("summary.png"),
+                    "mask": file_link("mask.nii.gz"), "lung_mask": file_link("lung_mask.nii.gz"),
+                    "overlays_prefix": url_for("admin_api.get_study", study_id=sid) + "/files/overlays/",
+                    "cancel": url_for("admin_api.cancel_study", study_id=sid),
+                    "retry": url_for("admin_api.retry_study", study_id=sid)}
+    return out
+
+
+@bp_admin.get("/studies")
+@admin_page
+def studies_page():
+    return _page("admin_studies.html", api_base="/api/v1/admin")
+
+
+def _load(session, study_id: str):
+    if not _ID.match(study_id or ""):
+        raise ApiError(404, "study_not_found", "no such study")
+    row = session.execute(select(db.Study, db.ApiToken.name)
+                          .join(db.ApiToken, db.ApiToken.id == db.Study.token_id, isouter=True)
+                          .where(db.Study.id == study_id)).first()
+    if row is None:
+        raise ApiError(404, "study_not_found", "no such study")
+    return row
+
+
+@bp_admin_api.get("/studies")
+@admin_api
+def list_studies():
+    """All studies, newest first. Filters: status (comma list), q (study id or its start), created_after,
+    created_before; cursor pagination. `counts`: studies per status (all of them, unfiltered)."""
+    args = request.args
+    q = select(db.Study, db.ApiToken.name).join(db.ApiToken, db.ApiToken.id == db.Study.token_id, isouter=True)
+    statuses = [x for x in (args.get("status") or "").split(",") if x]
+    bad = [x for x in statuses if x not in db.STATUSES]
+    if bad:
+        raise ApiError(400, "invalid_status", f"unknown status {bad[0]!r}; use {', '.join(db.STATUSES)}")
+    if statuses:
+        q = q.where(db.Study.status.in_(statuses))
+    term = (args.get("q") or "").strip().lower()
+    if term:
+        if not _HEX_PREFIX.match(term):
+            raise ApiError(400, "invalid_search", "search for a study id (characters 0-9 and a-f)")
+        q = q.where(db.Study.id == term if len(term) == 32 else db.Study.id.like(term + "%"))
+    q, limit = created_range_and_page(q, db.Study, args, default_limit=25)
+    with services().Session() as session:
+        rows = session.execute(q).all()
+        counts = dict(session.execute(select(db.Study.status, func.count()).group_by(db.Study.status)).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return jsonify(studies=[admin_study_json(st, name) for st, name in rows],
+                   counts={s: int(counts.get(s, 0)) for s in db.STATUSES},
+                   next_cursor=encode_cursor(rows[-1][0].seq) if more and rows else None)
+
+
+@bp_admin_api.get("/studies/<study_id>")
+@admin_api
+def get_study(study_id):
+    with services().Session() as session:
+        study, name = _load(session, study_id)
+    return jsonify(admin_study_json(study, name))
+
+
+@bp_admin_api.get("/studies/<study_id>/files/<path:name>")
+@admin_api
+def get_study_file(study_id, name):
+    with services().Session() as session:
+        study, _ = _load(session, study_id)
+    return study_file_response(study, name)
+
+
+@bp_admin_api.post("/studies/<study_id>/cancel")
+@admin_api
+def cancel_study(study_id):
+    with services().Session() as session:
+        study, name = _load(session, study_id)
+        cancel(session, study)
+        log.info("admin %r cancelled study %s", g.admin[1].username, study_id)
+        study, name = _load(session, study_id)
+    return jsonify(admin_study_json(study, name))
+
+
+@bp_admin_api.post("/studies/<study_id>/retry")
+@admin_api
+def retry_study(study_id):
+    with services().Session() as session:
+        study, _ = _load(session, study_id)
+        retry(session, study)
+        log.info("admin %r retried study %s", g.admin[1].username, study_id)
+    with services().Session() as session:
+        study, name = _load(session, study_id)
+    resp = jsonify(admin_study_json(study, name))
+    resp.status_code = 202
+    return resp
