@@ -370,14 +370,23 @@ def test_idempotency_key_returns_the_same_study(stack):
 
 
 @pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
-def test_cancel_retry_failure_and_broker_down(stack):
-    """With the bulk worker stopped (so nothing races): a queued study is cancelled (idempotently) and its message
-    becomes a no-op; a study accepted while Redis is down is stored and published by the sweep; a study whose
-    stored input is broken fails with the reason, and both are retried to success."""
-    import localstack
+def test_kill_9_cancel_retry_failure_and_broker_down(stack):
+    """kill -9 of the bulk worker mid-study: the sweep re-queues the study and a new worker finishes it, writing the
+    same keys. While no bulk worker runs (so nothing races): a queued study is cancelled (idempotently) and its
+    message becomes a no-op; a study accepted while Redis is down is stored and published by the sweep; a study
+    whose stored input is broken fails with the reason; the failed and the cancelled one are retried to success."""
+    import os
+    import signal
     stack.ensure_worker()
-    localstack.stop_process(stack.bulk_worker, timeout=60)
+    killed_id = _post_study(stack, [("k.zip", _zip(_dicom_series(8)))]).json()["id"]
+    deadline = time.monotonic() + 240
+    while _study_row(stack, killed_id).status == "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(stack.bulk_worker.pid, signal.SIGKILL)          # main process and pool child, mid-study
+    stack.bulk_worker.wait(30)
     stack.bulk_worker = None
+    at_kill = _study_row(stack, killed_id)
+    assert at_kill.status == "running" and at_kill.attempts == 1, (at_kill.status, stack.tail_logs())
 
     # accepted while Redis is down: stored + committed, published later by the sweep
     stack.redis_server.stop()
@@ -414,6 +423,12 @@ def test_cancel_retry_failure_and_broker_down(stack):
 
     stack.ensure_worker()                                  # the bulk worker is back
     assert _wait_study(stack, down_id)["status"] == "succeeded"
+    killed = _wait_study(stack, killed_id)
+    assert killed["status"] == "succeeded" and killed["attempts"] >= 2 and killed["progress"] == 100, killed
+    assert sorted(stack.storage.list_keys(f"studies/{killed_id}/results/")) == sorted(
+        [f"studies/{killed_id}/results/{n}" for n in ("mask.nii.gz", "lung_mask.nii.gz", "report.json",
+                                                       "summary.png")] +
+        [f"studies/{killed_id}/results/overlays/{k:04d}.png" for k in range(8)])
     failed = _wait_study(stack, fail_id)
     assert failed["status"] == "failed" and failed["error"] and failed["report"] is None, failed
     assert "Traceback" not in failed["error"]
@@ -530,6 +545,36 @@ def test_openapi_documents_every_study_route():
         assert path in paths, path
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert method.lower() in paths[path], (path, method)
+
+
+def test_the_sweep_recognises_study_messages_in_the_broker():
+    """The lost-message check finds a study's id in waiting and unacknowledged messages (kombu's Redis format)."""
+    import base64
+
+    from worker.sweep import _job_ids_of_message, jobs_in_broker
+
+    def message(kwargs, unacked=False):
+        body = base64.b64encode(json.dumps([[], kwargs, {}]).encode()).decode()
+        msg = {"body": body, "headers": {"task": "covidseg.process_study"}, "properties": {"body_encoding": "base64"}}
+        return json.dumps([msg, "", "covidseg.bulk"] if unacked else msg)
+
+    class FakeRedis:
+        lists = {"covidseg.bulk": [message({"study_id": "s1"}), message({"job_ids": ["j1"]})]}
+        unacked = {"t": message({"study_id": "s2"}, unacked=True)}
+
+        def llen(self, k):
+            return len(self.lists.get(k, []))
+
+        def lrange(self, k, a, b):
+            return self.lists.get(k, [])
+
+        def hlen(self, k):
+            return len(self.unacked)
+
+        def hvals(self, k):
+            return list(self.unacked.values())
+    assert jobs_in_broker(FakeRedis(), ["covidseg.interactive", "covidseg.bulk"]) == {"s1", "s2", "j1"}
+    assert _job_ids_of_message(message({"study_id": 7})) == set()
 
 
 def test_time_limits_fit_a_600_slice_study_below_the_visibility_timeout():
