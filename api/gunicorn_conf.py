@@ -18,3 +18,9 @@ accesslog = None
 errorlog = "-"
 loglevel = _s.log_level.lower()
 preload_app = False      # each worker builds its own DB pool / clients after the fork
+
+
+def worker_exit(server, worker):
+    """Publish what is still queued in this worker's publisher before it exits (api/publish.py)."""
+    from api.publish import flush_all
+    flush_all()

@@ -9,12 +9,13 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_token, services
 from api.errors import ApiError, error_response
 from api.params import created_range_and_page, encode_cursor
+from api.publish import Publisher
 from api.uploads import FAST_MULTIPART_MAX_BYTES, check_upload, parse_multipart
 from shared import db
 from shared.celery_app import dispatch
@@ -173,7 +174,6 @@ def _read_files(max_files: int | None = None):
 def _create_jobs(checked, queue: str, idem_key: str | None = None):
     """Store inputs, insert rows (+ idempotency record) in one transaction, publish. Returns (status, body)."""
     svc = services()
-    s = svc.settings
     shas = [hashlib.sha256(c.data).hexdigest() for c in checked]
     fingerprint = hashlib.sha256(json.dumps([[h, c.name] for h, c in zip(shas, checked)]).encode()).hexdigest()
     if idem_key:
@@ -218,18 +218,22 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
         if replay is None:
             raise
         return replay
-    try:
-        dispatch(svc.celery, svc.Session, [(jid, queue, batch_id) for jid in ids], s, mark=False)
-    except Exception as exc:  # noqa: BLE001 - broker down: the jobs are stored; the sweep publishes them
-        log.warning("publish failed (%s); jobs stay queued for the sweep", exc)
-        try:
-            with svc.Session() as session:
-                session.execute(update(db.Job).where(db.Job.id.in_(ids), db.Job.status == db.QUEUED)
-                                .values(dispatched_at=None))
-                session.commit()
-        except Exception:  # noqa: BLE001 - then the sweep's lost-message check finds them after dispatch_grace
-            pass
+    # stored and committed: the message follows from the publisher thread (api/publish.py; the sweep backs it up)
+    publisher().publish([(jid, queue, batch_id) for jid in ids])
     return 202, body
+
+
+def publisher() -> Publisher:
+    """This app's background publisher (one per process)."""
+    ext = current_app.extensions
+    pub = ext.get("covidseg.publisher")
+    if pub is None:
+        svc = services()
+        with svc.lock:
+            pub = ext.get("covidseg.publisher")
+            if pub is None:
+                pub = ext["covidseg.publisher"] = Publisher(svc.celery, svc.Session, svc.settings)
+    return pub
 
 
 def _idempotent_replay(key: str, fingerprint: str):

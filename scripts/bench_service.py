@@ -282,15 +282,20 @@ def bare_inference(json_path: Path) -> dict:
     return {"backend": b["effective_backend"],
             "model_slices_per_second_b8": round(b["throughput_batch8_slices_per_s"], 2),
             "model_s_per_slice_b8": round(b["per_slice_batch8_s"], 4),
+            "model_cpu_s_per_slice_b8": round(b["cpu_s_per_slice_batch8"], 4),
+            "whole_path_cpu_s_per_slice_b8": round(b["whole_path_cpu_s_per_slice_batch8"], 4),
             "whole_path_slices_per_second_b8": round(1.0 / b["whole_path_per_slice_batch8_s"], 2),
             "loadavg": json.loads(json_path.read_text())["machine"]["loadavg_start"]}
 
 
 def _wait_done(session, url, h, job_ids, poll=0.05):
+    """Poll until every job is finished; returns their final states (only unfinished jobs are polled)."""
+    states = {j: None for j in job_ids}
     while True:
-        states = [session.get(f"{url}/api/v1/jobs/{j}", headers=h, timeout=30).json()["status"] for j in job_ids]
-        if all(s in ("succeeded", "failed", "cancelled") for s in states):
-            return states
+        for j in [j for j, st in states.items() if st not in ("succeeded", "failed", "cancelled")]:
+            states[j] = session.get(f"{url}/api/v1/jobs/{j}", headers=h, timeout=30).json()["status"]
+        if all(st in ("succeeded", "failed", "cancelled") for st in states.values()):
+            return list(states.values())
         time.sleep(poll)
 
 
@@ -305,7 +310,11 @@ def _worker_span(engine, job_ids):
     return (hi - lo).total_seconds() if lo and hi else None
 
 
-def end_to_end(url, token, engine, n_batch, n_burst, n_single):
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def end_to_end(url, token, engine, n_batch, n_burst, n_single, roots, worker_log: Path):
     import requests
     h = {"Authorization": f"Bearer {token}"}
     s = requests.Session()
@@ -318,6 +327,8 @@ def end_to_end(url, token, engine, n_batch, n_burst, n_single):
     _wait_done(s, url, h, [jid])
 
     files = [("file", blobs[i % len(blobs)]) for i in range(n_batch)]
+    cpu0 = tree_cpu(roots)
+    log0 = _size(worker_log)
     t0 = time.perf_counter()
     r = s.post(url + "/api/v1/jobs", headers=h, files=files, timeout=120)
     r.raise_for_status()
@@ -327,13 +338,16 @@ def end_to_end(url, token, engine, n_batch, n_burst, n_single):
         b = s.get(f"{url}/api/v1/batches/{batch}", headers=h, timeout=30).json()
         if b["done"]:
             break
-        time.sleep(0.05)
+        time.sleep(0.2)     # coarse: polling costs CPU the worker needs; the span below is exact
     wall = time.perf_counter() - t0
+    cpu1 = tree_cpu(roots)
     span = _worker_span(engine, ids)
     out["batch"] = {"slices": n_batch, "succeeded": b["counts"]["succeeded"], "seconds": round(wall, 2),
                     "slices_per_second": round(n_batch / wall, 2),
                     "worker_span_s": round(span, 2) if span else None,
-                    "worker_slices_per_second": round(n_batch / span, 2) if span else None}
+                    "worker_slices_per_second": round(n_batch / span, 2) if span else None,
+                    "cpu_s_per_slice": {k: round((cpu1[k] - cpu0[k]) / n_batch, 4) for k in cpu0},
+                    "worker_phases": worker_phases(worker_log, log0)}
 
     if n_burst:
         # n_burst single-slice jobs at once (interactive queue), as n_burst users would
@@ -345,18 +359,21 @@ def end_to_end(url, token, engine, n_batch, n_burst, n_single):
                           timeout=60).json()["jobs"][0]["id"]
             with lock:
                 ids.append(j)
+        log0 = _size(worker_log)
         t0 = time.perf_counter()
         ts = [threading.Thread(target=one, args=(i,)) for i in range(n_burst)]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
-        states = _wait_done(s, url, h, ids)
+        states = _wait_done(s, url, h, ids, poll=0.2)
         wall = time.perf_counter() - t0
         span = _worker_span(engine, ids)
         out["burst"] = {"slices": n_burst, "succeeded": states.count("succeeded"), "seconds": round(wall, 2),
                         "slices_per_second": round(n_burst / wall, 2),
-                        "worker_span_s": round(span, 2) if span else None}
+                        "worker_span_s": round(span, 2) if span else None,
+                        "worker_slices_per_second": round(n_burst / span, 2) if span else None,
+                        "worker_phases": worker_phases(worker_log, log0)}
 
     singles = []
     for i in range(n_single):
@@ -373,10 +390,12 @@ def end_to_end(url, token, engine, n_batch, n_burst, n_single):
 _PHASES = re.compile(r"task timings: slices=(\d+) (.*)$")
 
 
-def worker_phases(log_path: Path) -> dict | None:
-    """Sum of the worker's per-task phase timings (`task timings:` log lines), when the worker logs them."""
+def worker_phases(log_path: Path, start: int = 0, end: int | None = None) -> dict | None:
+    """Sums of the worker's per-task phase timings (`task timings:` log lines) in log bytes [start, end): wall and
+    CPU seconds per phase, per slice, and the share of the worker's task time spent in the model call."""
     tasks, slices, sums = 0, 0, {}
-    for line in Path(log_path).read_text(errors="replace").splitlines():
+    text = Path(log_path).read_bytes()[start:end].decode("utf-8", "replace")
+    for line in text.splitlines():
         m = _PHASES.search(line)
         if not m:
             continue
@@ -387,8 +406,11 @@ def worker_phases(log_path: Path) -> dict | None:
             sums[k] = sums.get(k, 0.0) + float(v)
     if not tasks:
         return None
-    return {"tasks": tasks, "slices": slices, "seconds": {k: round(v, 2) for k, v in sums.items()},
-            "s_per_slice": {k: round(v / slices, 4) for k, v in sums.items()}}
+    out = {"tasks": tasks, "slices": slices, "seconds": {k: round(v, 3) for k, v in sums.items()},
+           "s_per_slice": {k: round(v / slices, 4) for k, v in sums.items()}}
+    if sums.get("total"):
+        out["model_share_of_task_time"] = round(sums.get("infer", 0.0) / sums["total"], 3)
+    return out
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
@@ -489,14 +511,14 @@ def main(argv=None) -> int:
             deadline = time.monotonic() + 300
             while not localstack.worker_ready(worker_log) and time.monotonic() < deadline:
                 time.sleep(0.5)
-            e2e = end_to_end(api_url, token, engine, args.batch, args.burst, args.singles)
+            e2e = end_to_end(api_url, token, engine, args.batch, args.burst, args.singles,
+                             dict(roots, worker=worker.pid), worker_log)
             bare = results["bare_inference"]["model_slices_per_second_b8"]
             e2e["batch"]["vs_bare_model"] = round(e2e["batch"]["slices_per_second"] / bare, 3)
             if e2e["batch"]["worker_slices_per_second"]:
                 e2e["batch"]["worker_vs_bare_model"] = round(e2e["batch"]["worker_slices_per_second"] / bare, 3)
             if "burst" in e2e:
                 e2e["burst"]["vs_bare_model"] = round(e2e["burst"]["slices_per_second"] / bare, 3)
-            e2e["worker_phases"] = worker_phases(worker_log)
             results["end_to_end"] = e2e
             print(f"end to end: {e2e}", flush=True)
         results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -539,14 +561,19 @@ def print_tables(results):
         print(f"end to end, one worker: {b['slices']}-slice batch in {b['seconds']} s = {b['slices_per_second']} "
               f"slices/s ({b['vs_bare_model']:.0%} of bare); worker span {b['worker_span_s']} s = "
               f"{b['worker_slices_per_second']} slices/s")
+        print(f"CPU s per slice during the batch: {b['cpu_s_per_slice']} (bare: model "
+              f"{bare['model_cpu_s_per_slice_b8']}, whole path {bare['whole_path_cpu_s_per_slice_b8']})")
         if "burst" in e:
             u = e["burst"]
             print(f"burst of {u['slices']} single-slice jobs: {u['seconds']} s = {u['slices_per_second']} slices/s "
                   f"({u['vs_bare_model']:.0%} of bare)")
         print(f"single job submit -> succeeded: p50 {e['single']['latency_p50_s']} s, max "
               f"{e['single']['latency_max_s']} s")
-        if e.get("worker_phases"):
-            print(f"worker phases, s per slice: {e['worker_phases']['s_per_slice']}")
+        for what in ("batch", "burst"):
+            ph = (e.get(what) or {}).get("worker_phases")
+            if ph:
+                print(f"worker phases ({what}: {ph['tasks']} tasks, {ph['slices']} slices), s per slice: "
+                      f"{ph['s_per_slice']}; model call = {ph.get('model_share_of_task_time', 0):.0%} of task time")
     print(f"load average before/after: {results['machine']['loadavg_before']} / "
           f"{results['machine'].get('loadavg_after')}")
 

@@ -14,16 +14,23 @@ import json
 import logging
 import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy.exc
 from celery import signals
+from sqlalchemy import select
 from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import db
 from shared.celery_app import PROCESS_TASK, SWEEP_TASK, celery_app
-from shared.storage import ChecksumMismatch, Storage, StorageError, result_key, result_prefix
+from shared.storage import Storage, StorageError, result_key, result_prefix
 
 log = logging.getLogger("covidseg.worker")
+#: Threads per worker process for S3 transfers and result rendering (I/O-bound; PNG encoding releases the GIL).
+IO_THREADS = 8
+_pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
 
 #: Errors worth retrying (the service behind them comes back); anything else fails the job for good.
 TRANSIENT = (StorageError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, ConnectionError,
@@ -94,6 +101,27 @@ def _stop_sweep(**_):
         _sweeper.stop_event.set()
 
 
+class _Clock:
+    """Wall and process-CPU seconds per phase of one task, logged as one `task timings:` line (the service
+    benchmark sums them: where a worker's time goes besides the model call)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self.start = self._last = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.phases[name] = self.phases.get(name, 0.0) + now[0] - self._last[0]
+        self.phases[name + "_cpu"] = self.phases.get(name + "_cpu", 0.0) + now[1] - self._last[1]
+        self._last = now
+
+    def line(self, slices: int) -> str:
+        self.lap("other")
+        total = self._last[0] - self.start[0], self._last[1] - self.start[1]
+        return (f"task timings: slices={slices} " + " ".join(f"{k}={v:.3f}" for k, v in self.phases.items())
+                + f" total={total[0]:.3f} total_cpu={total[1]:.3f}")
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, session_factory, job_ids, lease, interval):
         super().__init__(name="covidseg-heartbeat", daemon=True)
@@ -119,6 +147,7 @@ def process_jobs(self, job_ids):
     r = resources()
     lease = db.new_id()
     worker_name = f"{self.request.hostname or 'worker'}:{os.getpid()}"
+    clock = _Clock()
     try:
         with r.Session() as session:
             jobs = db.claim_jobs(session, job_ids, lease, worker_name, s.stale_after)
@@ -134,11 +163,13 @@ def process_jobs(self, job_ids):
             db.finish_failure(session, j.id, lease,
                               f"gave up after {j.attempts - 1} attempts (worker lost or time limit exceeded)")
     jobs = [j for j in jobs if j.attempts <= s.job_max_attempts]
+    jobs += _gather(r, jobs, lease, worker_name)
+    clock.lap("claim")
     done: set[str] = set()
     hb = _Heartbeat(r.Session, [j.id for j in jobs], lease, s.heartbeat_interval)
     hb.start()
     try:
-        _process(r, jobs, lease, done)
+        _process(r, jobs, lease, done, clock)
     except (SoftTimeLimitExceeded, *TRANSIENT) as exc:
         pending = [j.id for j in jobs if j.id not in done]
         what = "time limit exceeded" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}"
@@ -157,7 +188,35 @@ def process_jobs(self, job_ids):
         _fail_all(r, [j.id for j in jobs if j.id not in done], lease, f"internal error: {type(exc).__name__}: {exc}")
     finally:
         hb.stop_event.set()
+    log.info(clock.line(len(jobs)))
     return {"claimed": len(jobs), "done": len(done)}
+
+
+def _gather(r, jobs, lease: str, worker_name: str) -> list:
+    """Claim more waiting single-slice jobs of the same interactive queue, so one model call serves up to
+    infer_batch_size of them (a burst of uploads is inferred at batch 8, not one slice at a time).
+
+    Safe with acks_late: the gathered jobs' own messages stay in the broker; when delivered they find the job
+    finished (or running under a live lease) and are no-ops. If this worker dies, the gathered jobs go stale and
+    the recovery sweep re-queues them, exactly like the message's own jobs.
+    """
+    s = settings()
+    room = s.infer_batch_size - len(jobs)
+    if room <= 0 or not jobs or any(j.queue != s.queue_interactive or j.batch_id for j in jobs):
+        return []
+    try:
+        with r.Session() as session:
+            ids = session.execute(select(db.Job.id).where(
+                db.Job.status == db.QUEUED, db.Job.queue == s.queue_interactive, db.Job.batch_id.is_(None),
+                db.Job.id.not_in([j.id for j in jobs])).order_by(db.Job.seq).limit(room)).scalars().all()
+            extra = db.claim_jobs(session, ids, lease, worker_name, s.stale_after) if ids else []
+            for j in [j for j in extra if j.attempts > s.job_max_attempts]:
+                db.finish_failure(session, j.id, lease,
+                                  f"gave up after {j.attempts - 1} attempts (worker lost or time limit exceeded)")
+    except TRANSIENT as exc:   # an optimisation: the message's own jobs go ahead (anything claimed goes stale
+        log.warning("gather failed: %s", exc)   # and the sweep re-queues it)
+        return []
+    return [j for j in extra if j.attempts <= s.job_max_attempts]
 
 
 def _fail_all(r, job_ids, lease, error):
@@ -169,42 +228,67 @@ def _fail_all(r, job_ids, lease, error):
         log.error("cannot record failure of %s: %s", job_ids, exc)
 
 
-def _process(r: _Resources, jobs, lease: str, done: set) -> None:
+def _io_pool() -> ThreadPoolExecutor:
+    """Per-process threads for the task's S3 transfers and PNG work (cv2 and hashlib release the GIL)."""
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():
+        _pool, _pool_pid = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="covidseg-io"), os.getpid()
+    return _pool
+
+
+def _fetch_decode(r, job, max_pixels):
+    """(image, None) or (None, reason) for one job's input; transient storage errors propagate."""
     from shared.imageio import decode_image_bytes  # core module (no TensorFlow)
+
+    data = r.storage.get_bytes(job.input_key, expect_sha256=job.input_sha256)
+    try:
+        return decode_image_bytes(data, max_pixels=max_pixels), None
+    except Exception as exc:  # noqa: BLE001 - undecodable input fails this job only
+        return None, f"cannot decode image: {exc}"
+
+
+def _render_store(r, job_id, img, prob):
+    """Render the three result PNGs of one job and store them; returns (checksums, infected fraction)."""
     from shared.render import infected_fraction, mask_png, overlay_png, probability_png
 
+    outputs = {"mask": mask_png(prob), "probability": probability_png(prob), "overlay": overlay_png(img, prob)}
+    sums = {kind: r.storage.put_bytes(result_key(job_id, kind), png, "image/png") for kind, png in outputs.items()}
+    return sums, float(infected_fraction(prob))
+
+
+def _process(r: _Resources, jobs, lease: str, done: set, clock: _Clock) -> None:
+    """Fetch + decode every input (in parallel), infer them all in ONE model call (batch <= infer_batch_size),
+    then render + store each job's results (in parallel) and finish the jobs under the lease."""
     s = settings()
+    pool = _io_pool()
+    fetched = list(pool.map(lambda j: _fetch_decode(r, j, s.max_pixels), jobs))   # re-raises transient errors
     images, ok = [], []
     with r.Session() as session:
-        for j in jobs:
-            try:
-                data = r.storage.get_bytes(j.input_key, expect_sha256=j.input_sha256)
-            except ChecksumMismatch:
-                raise
-            try:
-                img = decode_image_bytes(data, max_pixels=s.max_pixels)
-            except Exception as exc:  # noqa: BLE001 - undecodable input fails this job only
-                db.finish_failure(session, j.id, lease, f"cannot decode image: {exc}")
+        for j, (img, reason) in zip(jobs, fetched):
+            if img is None:
+                db.finish_failure(session, j.id, lease, reason)
                 done.add(j.id)
                 continue
             images.append(img)
             ok.append(j)
-        db.heartbeat(session, [j.id for j in ok], lease, progress=30)
+        if ok:
+            db.heartbeat(session, [j.id for j in ok], lease, progress=30)
+    clock.lap("fetch")
     if not ok:
         return
     probs = r.get_segmenter().predict(images, batch_size=s.infer_batch_size)
+    clock.lap("infer")
+    stored = [pool.submit(_render_store, r, j.id, img, prob) for j, img, prob in zip(ok, images, probs)]
     with r.Session() as session:
         db.heartbeat(session, [j.id for j in ok], lease, progress=70)
-        for j, img, prob in zip(ok, images, probs):
-            outputs = {"mask": mask_png(prob), "probability": probability_png(prob), "overlay": overlay_png(img, prob)}
-            sums = {kind: r.storage.put_bytes(result_key(j.id, kind), png, "image/png")
-                    for kind, png in outputs.items()}
-            fraction = float(infected_fraction(prob))
+        for j, fut in zip(ok, stored):
+            sums, fraction = fut.result()          # a storage error here propagates: the task retries
             if not db.finish_success(session, j.id, lease, fraction, json.dumps(sums, sort_keys=True)):
                 current = session.get(db.Job, j.id, populate_existing=True)
                 if current is not None and current.status == db.CANCELLED:
                     r.storage.delete_prefix(result_prefix(j.id))   # cancelled while running: keep no results
             done.add(j.id)
+    clock.lap("store")
 
 
 @celery_app.task(name=SWEEP_TASK)
