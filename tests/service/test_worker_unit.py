@@ -87,3 +87,97 @@ def test_duplicate_message_for_a_finished_job_is_a_no_op(session_factory, monkey
         db.finish_success(s, jid, "lease", 0.5, "{}")
     assert tasks.process_jobs.apply(kwargs={"job_ids": [jid]}).get() == {"claimed": 0}
     assert storage.gets == 0 and _job(session_factory, jid).status == "succeeded"
+
+
+# --- gathering waiting interactive singles into one model call -------------------------------------------------
+class _MemStorage:
+    def __init__(self):
+        self.objects = {}
+
+    def get_bytes(self, key, expect_sha256=None):
+        return self.objects[key]
+
+    def put_bytes(self, key, data, content_type, sha256=None, metadata=None):
+        import hashlib
+        self.objects[key] = data
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_prefix(self, prefix):
+        for k in [k for k in self.objects if k.startswith(prefix)]:
+            del self.objects[k]
+
+
+class _SpySegmenter:
+    """Records each model call's batch; probabilities are a constant 0.75 (the model itself is not under test)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, images, batch_size=8):
+        import numpy as np
+        self.calls.append(len(images))
+        return [np.full(np.asarray(im).shape[:2], 0.75, np.float32) for im in images]
+
+
+class _GatherResources:
+    def __init__(self, Session, storage, segmenter):
+        self.Session, self.storage, self.segmenter = Session, storage, segmenter
+
+    def get_segmenter(self):
+        return self.segmenter
+
+
+def _real_slice_jobs(Session, storage, n, queue, batch=False):
+    import hashlib
+    from pathlib import Path
+    data = (Path(__file__).resolve().parents[1] / "fixtures" / "slices" / "covid_0300.png").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    ids = []
+    with Session() as s:
+        tok, _ = db.create_token(s, "t")
+        batch_id = db.new_id() if batch else None
+        if batch:
+            s.add(db.Batch(id=batch_id, token_id=tok.id, total=n, queue=queue))
+        for i in range(n):
+            jid = db.new_id()
+            storage.objects[f"inputs/{jid}"] = data
+            s.add(db.Job(id=jid, token_id=tok.id, queue=queue, batch_id=batch_id, position=i,
+                         input_key=f"inputs/{jid}", input_sha256=sha, input_size=len(data), input_format="png",
+                         width=256, height=256))
+            s.commit()   # one by one: distinct `seq`, oldest first
+            ids.append(jid)
+    return ids
+
+
+def test_waiting_interactive_singles_share_one_model_call(session_factory, monkeypatch):
+    import worker.tasks as tasks
+    s = tasks.settings()
+    storage, seg = _MemStorage(), _SpySegmenter()
+    monkeypatch.setattr(tasks, "resources", lambda: _GatherResources(session_factory, storage, seg))
+    ids = _real_slice_jobs(session_factory, storage, s.infer_batch_size + 2, s.queue_interactive)
+    out = tasks.process_jobs.apply(kwargs={"job_ids": [ids[0]]}).get()
+    assert seg.calls == [s.infer_batch_size]                       # one model call, a full batch
+    assert out == {"claimed": s.infer_batch_size, "done": s.infer_batch_size}
+    gathered, left = ids[:s.infer_batch_size], ids[s.infer_batch_size:]
+    for jid in gathered:
+        job = _job(session_factory, jid)
+        assert job.status == "succeeded" and job.attempts == 1 and job.infected_fraction == 1.0
+        assert {f"results/{jid}/{k}.png" for k in ("mask", "probability", "overlay")} <= set(storage.objects)
+    assert all(_job(session_factory, jid).status == "queued" for jid in left)   # the oldest were taken first
+    # the gathered jobs' own messages arrive later: no-ops
+    assert tasks.process_jobs.apply(kwargs={"job_ids": [ids[1]]}).get() == {"claimed": 0}
+    # the rest: one call for both
+    assert tasks.process_jobs.apply(kwargs={"job_ids": [left[0]]}).get() == {"claimed": 2, "done": 2}
+    assert seg.calls == [s.infer_batch_size, 2]
+
+
+def test_batches_and_bulk_work_do_not_gather(session_factory, monkeypatch):
+    import worker.tasks as tasks
+    s = tasks.settings()
+    storage, seg = _MemStorage(), _SpySegmenter()
+    monkeypatch.setattr(tasks, "resources", lambda: _GatherResources(session_factory, storage, seg))
+    singles = _real_slice_jobs(session_factory, storage, 3, s.queue_interactive)
+    batch = _real_slice_jobs(session_factory, storage, 2, s.queue_bulk, batch=True)
+    assert tasks.process_jobs.apply(kwargs={"job_ids": batch}).get() == {"claimed": 2, "done": 2}
+    assert seg.calls == [2]
+    assert all(_job(session_factory, jid).status == "queued" for jid in singles)
