@@ -25,6 +25,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -255,6 +256,7 @@ def main(argv=None) -> int:
     redis = localstack.RedisServer(base / "redis").start()
     weed = localstack.SeaweedS3(base / "weed", "bench", "bench-secret-key").start()
     pg = api_proc = w_int = w_bulk = None
+    ok = False
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "loadavg_before": [round(x, 2) for x in os.getloadavg()],
                            "note": "2 shared cores; other processes (e.g. a training run) may be using them"},
@@ -341,6 +343,7 @@ def main(argv=None) -> int:
                                        "target_ratio": 3.0, "met": ratio is not None and ratio <= 3.0})
             print(f"  idle median (before and after) {idle_median:.3f} s -> loaded/idle {ratio:.2f}x", flush=True)
         results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        ok = True
     finally:
         for p in (w_bulk, w_int, api_proc):
             localstack.stop_process(p)
@@ -348,6 +351,10 @@ def main(argv=None) -> int:
         redis.stop()
         if pg:
             pg.destroy()
+        if ok:      # hundreds of MB of series and stored objects; kept (with the logs) only after a failure
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"logs and data kept in {base}", file=sys.stderr)
 
     print("\n| measurement | value | target | met |")
     print("| --- | --- | --- | --- |")
