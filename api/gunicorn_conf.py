@@ -1,7 +1,10 @@
 """gunicorn settings for the API, derived from shared.settings (COVIDSEG_API_*).
 
-gthread workers: the submit path is I/O-bound (multipart parse, one S3 PUT, one DB commit, one Redis publish), so
-a few processes with several threads each keep latency flat under concurrency; /predict waits hold a thread.
+gthread workers: a submission is one S3 PUT and one DB commit (the Celery message follows from a background
+thread, api/publish.py), mostly waiting on those servers, so a few processes with several threads each keep the
+CPU busy; /predict waits hold a thread. On the 2-core reference machine 2 workers x 8 threads, 3 x 16, 2 x 16 and
+4 x 4 gave the same 50-client throughput within the noise of a shared machine (scripts/bench_service.py
+--api-workers/--api-threads), so the defaults stay at 2 x 8: more processes only add memory and context switches.
 """
 from shared.settings import get_settings
 

@@ -7,6 +7,12 @@ child loads the model once (`worker_process_init`), on the GPU when TensorFlow s
 `process_jobs(job_ids)` is idempotent: it claims each job with a conditional UPDATE (queued, or running with a
 stale heartbeat), writes results under fixed keys (results/<job_id>/...), and finishes only while it still holds
 the claim, so a duplicate or late message can neither duplicate results nor move a finished job backwards.
+
+Throughput: the slices of one message are inferred in ONE model call (up to `infer_batch_size`; batches are
+published in messages of that size). A single-slice interactive message also claims up to that many other
+waiting single-slice jobs of its queue (`_gather`), so a burst of uploads is inferred at batch 8 too. Inputs are
+fetched and results rendered + stored by a small per-process thread pool, so S3 round trips overlap and PNG
+encoding uses every core; the time left outside the model call is logged per task (`task timings:`).
 """
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy.exc
 from celery import signals
-from sqlalchemy import select
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
 
 from shared import db
 from shared.celery_app import PROCESS_TASK, SWEEP_TASK, celery_app
