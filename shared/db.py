@@ -203,22 +203,134 @@ from datetime import timedelta  # noqa: E402
 from sqlalchemy import and_, or_, select, update  # noqa: E402
 
 
+# Generic transitions, shared by Job and Study (both have the same lifecycle columns: status, claim_token,
+# attempts, progress, heartbeat_at, started_at, finished_at, dispatched_at, error, updated_at). Each one is a
+# conditional UPDATE, so concurrent workers, the sweep and the API can never move a row backwards.
+def _stale_heartbeat(model, stale):
+    return or_(model.heartbeat_at.is_(None), model.heartbeat_at < stale)
+
+
+def _claim(session, model, row_id: str, lease: str, worker: str, stale_after: float, progress) -> bool:
+    """queued (or running with a stale heartbeat) -> running under `lease`; not committed."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    claimable = or_(model.status == QUEUED, and_(model.status == RUNNING, _stale_heartbeat(model, stale)))
+    res = session.execute(update(model).where(model.id == row_id, claimable).values(
+        status=RUNNING, claim_token=lease, worker=worker[:200], attempts=model.attempts + 1, started_at=now,
+        heartbeat_at=now, updated_at=now, progress=progress, error=None))
+    return bool(res.rowcount)
+
+
+def _heartbeat(session, model, ids, lease: str, progress=None) -> int:
+    now = utcnow()
+    values = {"heartbeat_at": now, "updated_at": now}
+    if progress is not None:
+        values["progress"] = progress
+    res = session.execute(update(model).where(model.id.in_(list(ids)), model.status == RUNNING,
+                                              model.claim_token == lease).values(**values))
+    session.commit()
+    return res.rowcount
+
+
+def _finish_success(session, model, row_id: str, lease: str, **result) -> bool:
+    """running (under `lease`) -> succeeded, storing the `result` columns."""
+    now = utcnow()
+    res = session.execute(update(model).where(model.id == row_id, model.status == RUNNING,
+                                              model.claim_token == lease)
+                          .values(status=SUCCEEDED, progress=100, finished_at=now, updated_at=now,
+                                  heartbeat_at=now, error=None, **result))
+    session.commit()
+    return res.rowcount == 1
+
+
+def _finish_failure(session, model, row_id: str, lease: str | None, error: str) -> bool:
+    now = utcnow()
+    cond = [model.id == row_id, model.status == RUNNING]
+    if lease is not None:
+        cond.append(model.claim_token == lease)
+    res = session.execute(update(model).where(*cond).values(status=FAILED, error=error[:2000], finished_at=now,
+                                                            updated_at=now))
+    session.commit()
+    return res.rowcount == 1
+
+
+def _release(session, model, ids, lease: str) -> list[str]:
+    now = utcnow()
+    out = []
+    for row_id in ids:
+        res = session.execute(update(model).where(model.id == row_id, model.status == RUNNING,
+                                                  model.claim_token == lease)
+                              .values(status=QUEUED, claim_token=None, progress=0, updated_at=now,
+                                      dispatched_at=now))
+        if res.rowcount:
+            out.append(row_id)
+    session.commit()
+    return out
+
+
+def _mark_dispatched(session, model, ids) -> None:
+    now = utcnow()
+    session.execute(update(model).where(model.id.in_(list(ids)), model.status == QUEUED)
+                    .values(dispatched_at=now, updated_at=now))
+    session.commit()
+
+
+def _cancel(session, model, row_id: str) -> bool:
+    now = utcnow()
+    res = session.execute(update(model).where(model.id == row_id, model.status.in_(ACTIVE))
+                          .values(status=CANCELLED, finished_at=now, updated_at=now, claim_token=None))
+    session.commit()
+    return res.rowcount == 1
+
+
+def _retry(session, model, row_id: str, result_columns: tuple[str, ...]) -> bool:
+    """failed/cancelled -> queued with a fresh attempt budget; `result_columns` (model-specific outputs) cleared."""
+    now = utcnow()
+    res = session.execute(update(model).where(model.id == row_id, model.status.in_((FAILED, CANCELLED)))
+                          .values(status=QUEUED, attempts=0, error=None, progress=0, finished_at=None,
+                                  started_at=None, heartbeat_at=None, claim_token=None, dispatched_at=None,
+                                  updated_at=now, **{c: None for c in result_columns}))
+    session.commit()
+    return res.rowcount == 1
+
+
+def _requeue_stale(session, model, stale_after: float, max_attempts: int, limit: int) -> tuple[list[str], list[str]]:
+    """Running rows without a heartbeat for `stale_after` s: back to queued, or failed after `max_attempts`
+    claims (a row that keeps killing workers must not loop forever). Returns (requeued ids, failed ids)."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    rows = session.execute(select(model.id, model.attempts, model.claim_token).where(
+        model.status == RUNNING, _stale_heartbeat(model, stale)).limit(limit)).all()
+    requeued, failed = [], []
+    for row_id, attempts, lease in rows:
+        # re-check lease and heartbeat in the UPDATE: the row may have been reclaimed since the SELECT
+        base = update(model).where(model.id == row_id, model.status == RUNNING,
+                                   (model.claim_token == lease) if lease else model.claim_token.is_(None),
+                                   _stale_heartbeat(model, stale))
+        if attempts >= max_attempts:
+            res = session.execute(base.values(
+                status=FAILED, finished_at=now, updated_at=now,
+                error=f"gave up after {attempts} attempts (worker lost or time limit exceeded)"))
+            (failed if res.rowcount else []).append(row_id)
+        else:
+            res = session.execute(base.values(status=QUEUED, claim_token=None, progress=0, dispatched_at=None,
+                                              updated_at=now))
+            (requeued if res.rowcount else []).append(row_id)
+    session.commit()
+    return requeued, failed
+
+
+#: Output columns of each model, cleared when a failed/cancelled row is retried.
+JOB_RESULT_COLUMNS = ("infected_fraction", "result_checksums")
+STUDY_RESULT_COLUMNS = ("report", "result_checksums")
+
+
 def claim_jobs(session, job_ids, lease: str, worker: str, stale_after: float) -> list[Job]:
     """Mark queued jobs (or running jobs whose heartbeat is stale) as running under `lease`.
 
     Returns the claimed rows; jobs that are finished, cancelled or held by a live worker are skipped.
     """
-    now = utcnow()
-    stale = now - timedelta(seconds=stale_after)
-    claimable = or_(Job.status == QUEUED,
-                    and_(Job.status == RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)))
-    claimed = []
-    for jid in job_ids:
-        res = session.execute(update(Job).where(Job.id == jid, claimable).values(
-            status=RUNNING, claim_token=lease, worker=worker[:200], attempts=Job.attempts + 1, started_at=now,
-            heartbeat_at=now, updated_at=now, progress=10, error=None))
-        if res.rowcount:
-            claimed.append(jid)
+    claimed = [jid for jid in job_ids if _claim(session, Job, jid, lease, worker, stale_after, progress=10)]
     session.commit()
     if not claimed:
         return []
@@ -228,74 +340,39 @@ def claim_jobs(session, job_ids, lease: str, worker: str, stale_after: float) ->
 
 
 def heartbeat(session, job_ids, lease: str, progress: int | None = None) -> int:
-    now = utcnow()
-    values = {"heartbeat_at": now, "updated_at": now}
-    if progress is not None:
-        values["progress"] = progress
-    res = session.execute(update(Job).where(Job.id.in_(list(job_ids)), Job.status == RUNNING,
-                                            Job.claim_token == lease).values(**values))
-    session.commit()
-    return res.rowcount
+    """Refresh heartbeat (and progress) of running jobs held under `lease`; returns how many were still held."""
+    return _heartbeat(session, Job, job_ids, lease, progress)
 
 
 def finish_success(session, job_id: str, lease: str, infected_fraction: float, checksums_json: str) -> bool:
-    now = utcnow()
-    res = session.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.claim_token == lease)
-                          .values(status=SUCCEEDED, progress=100, infected_fraction=infected_fraction,
-                                  result_checksums=checksums_json, finished_at=now, updated_at=now,
-                                  heartbeat_at=now, error=None))
-    session.commit()
-    return res.rowcount == 1
+    """running -> succeeded with the job's results; False if the lease was lost."""
+    return _finish_success(session, Job, job_id, lease, infected_fraction=infected_fraction,
+                           result_checksums=checksums_json)
 
 
 def finish_failure(session, job_id: str, lease: str | None, error: str) -> bool:
-    now = utcnow()
-    cond = [Job.id == job_id, Job.status == RUNNING]
-    if lease is not None:
-        cond.append(Job.claim_token == lease)
-    res = session.execute(update(Job).where(*cond).values(status=FAILED, error=error[:2000], finished_at=now,
-                                                        updated_at=now))
-    session.commit()
-    return res.rowcount == 1
+    """running -> failed (`lease` None: whoever holds it); False if the job was no longer running."""
+    return _finish_failure(session, Job, job_id, lease, error)
 
 
 def release(session, job_ids, lease: str) -> list[str]:
     """Give running jobs back to the queue (transient error; the task retries them)."""
-    now = utcnow()
-    out = []
-    for jid in job_ids:
-        res = session.execute(update(Job).where(Job.id == jid, Job.status == RUNNING, Job.claim_token == lease)
-                              .values(status=QUEUED, claim_token=None, progress=0, updated_at=now,
-                                      dispatched_at=now))
-        if res.rowcount:
-            out.append(jid)
-    session.commit()
-    return out
+    return _release(session, Job, job_ids, lease)
 
 
 def mark_dispatched(session, job_ids) -> None:
-    now = utcnow()
-    session.execute(update(Job).where(Job.id.in_(list(job_ids)), Job.status == QUEUED)
-                    .values(dispatched_at=now, updated_at=now))
-    session.commit()
+    """Record that queued jobs were handed to the broker (the sweep re-sends undispatched ones)."""
+    _mark_dispatched(session, Job, job_ids)
 
 
 def cancel_job(session, job_id: str) -> bool:
-    now = utcnow()
-    res = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                          .values(status=CANCELLED, finished_at=now, updated_at=now, claim_token=None))
-    session.commit()
-    return res.rowcount == 1
+    """queued/running -> cancelled; False if the job had already finished."""
+    return _cancel(session, Job, job_id)
 
 
 def retry_job(session, job_id: str) -> bool:
-    now = utcnow()
-    res = session.execute(update(Job).where(Job.id == job_id, Job.status.in_((FAILED, CANCELLED)))
-                          .values(status=QUEUED, attempts=0, error=None, progress=0, finished_at=None,
-                                  started_at=None, heartbeat_at=None, claim_token=None, dispatched_at=None,
-                                  infected_fraction=None, result_checksums=None, updated_at=now))
-    session.commit()
-    return res.rowcount == 1
+    """failed/cancelled -> queued, results cleared; False otherwise."""
+    return _retry(session, Job, job_id, JOB_RESULT_COLUMNS)
 
 
 def requeue_stale(session, stale_after: float, max_attempts: int) -> tuple[list[str], list[str]]:
@@ -303,26 +380,7 @@ def requeue_stale(session, stale_after: float, max_attempts: int) -> tuple[list[
 
     Returns (requeued ids, failed ids).
     """
-    now = utcnow()
-    stale = now - timedelta(seconds=stale_after)
-    rows = session.execute(select(Job.id, Job.attempts, Job.claim_token).where(
-        Job.status == RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)).limit(5000)).all()
-    requeued, failed = [], []
-    for jid, attempts, lease in rows:
-        base = update(Job).where(Job.id == jid, Job.status == RUNNING,
-                                 (Job.claim_token == lease) if lease else Job.claim_token.is_(None),
-                                 or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
-        if attempts >= max_attempts:
-            res = session.execute(base.values(
-                status=FAILED, finished_at=now, updated_at=now,
-                error=f"gave up after {attempts} attempts (worker lost or time limit exceeded)"))
-            (failed if res.rowcount else []).append(jid)
-        else:
-            res = session.execute(base.values(status=QUEUED, claim_token=None, progress=0, dispatched_at=None,
-                                              updated_at=now))
-            (requeued if res.rowcount else []).append(jid)
-    session.commit()
-    return requeued, failed
+    return _requeue_stale(session, Job, stale_after, max_attempts, limit=5000)
 
 
 # --- studies (whole CT volumes: a DICOM series or a NIfTI file; issue 5) ----------------------------------------
@@ -395,20 +453,11 @@ def study_meta_json(meta: dict | None) -> str:
     return json.dumps({k: v for k, v in out.items() if v is not None}, sort_keys=True)
 
 
-def _study_claimable(stale_after: float):
-    stale = utcnow() - timedelta(seconds=stale_after)
-    return or_(Study.status == QUEUED,
-               and_(Study.status == RUNNING, or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < stale)))
-
-
 def claim_study(session, study_id: str, lease: str, worker: str, stale_after: float) -> Study | None:
     """queued (or running with a stale heartbeat) -> running under `lease`; None when not claimable."""
-    now = utcnow()
-    res = session.execute(update(Study).where(Study.id == study_id, _study_claimable(stale_after)).values(
-        status=RUNNING, claim_token=lease, worker=worker[:200], attempts=Study.attempts + 1, started_at=now,
-        heartbeat_at=now, updated_at=now, progress=0.0, error=None))
+    claimed = _claim(session, Study, study_id, lease, worker, stale_after, progress=0.0)
     session.commit()
-    if not res.rowcount:
+    if not claimed:
         return None
     return session.execute(select(Study).where(Study.id == study_id)).scalar_one()
 
@@ -416,93 +465,42 @@ def claim_study(session, study_id: str, lease: str, worker: str, stale_after: fl
 def study_heartbeat(session, study_id: str, lease: str, progress: float | None = None) -> bool:
     """Refresh the heartbeat (and progress) of a study held under `lease`; False once the lease is lost
     (cancelled, or taken over by the sweep): the worker then stops."""
-    now = utcnow()
-    values = {"heartbeat_at": now, "updated_at": now}
     if progress is not None:
-        values["progress"] = max(0.0, min(100.0, float(progress)))
-    res = session.execute(update(Study).where(Study.id == study_id, Study.status == RUNNING,
-                                              Study.claim_token == lease).values(**values))
-    session.commit()
-    return res.rowcount == 1
+        progress = max(0.0, min(100.0, float(progress)))
+    return _heartbeat(session, Study, [study_id], lease, progress) == 1
 
 
 def study_finish_success(session, study_id: str, lease: str, report_json: str, checksums_json: str) -> bool:
-    now = utcnow()
-    res = session.execute(update(Study).where(Study.id == study_id, Study.status == RUNNING,
-                                              Study.claim_token == lease)
-                          .values(status=SUCCEEDED, progress=100.0, report=report_json,
-                                  result_checksums=checksums_json, finished_at=now, updated_at=now,
-                                  heartbeat_at=now, error=None))
-    session.commit()
-    return res.rowcount == 1
+    """running -> succeeded with report.json and the result checksums; False if the lease was lost."""
+    return _finish_success(session, Study, study_id, lease, report=report_json, result_checksums=checksums_json)
 
 
 def study_finish_failure(session, study_id: str, lease: str | None, error: str) -> bool:
-    now = utcnow()
-    cond = [Study.id == study_id, Study.status == RUNNING]
-    if lease is not None:
-        cond.append(Study.claim_token == lease)
-    res = session.execute(update(Study).where(*cond).values(status=FAILED, error=error[:2000], finished_at=now,
-                                                            updated_at=now))
-    session.commit()
-    return res.rowcount == 1
+    """running -> failed (`lease` None: whoever holds it); False if the study was no longer running."""
+    return _finish_failure(session, Study, study_id, lease, error)
 
 
 def study_release(session, study_id: str, lease: str) -> bool:
     """Give a running study back to the queue (transient error; the task retries it)."""
-    now = utcnow()
-    res = session.execute(update(Study).where(Study.id == study_id, Study.status == RUNNING,
-                                              Study.claim_token == lease)
-                          .values(status=QUEUED, claim_token=None, progress=0.0, updated_at=now, dispatched_at=now))
-    session.commit()
-    return res.rowcount == 1
+    return bool(_release(session, Study, [study_id], lease))
 
 
 def mark_studies_dispatched(session, study_ids) -> None:
-    now = utcnow()
-    session.execute(update(Study).where(Study.id.in_(list(study_ids)), Study.status == QUEUED)
-                    .values(dispatched_at=now, updated_at=now))
-    session.commit()
+    """Record that queued studies were handed to the broker."""
+    _mark_dispatched(session, Study, study_ids)
 
 
 def cancel_study(session, study_id: str) -> bool:
-    now = utcnow()
-    res = session.execute(update(Study).where(Study.id == study_id, Study.status.in_(ACTIVE))
-                          .values(status=CANCELLED, finished_at=now, updated_at=now, claim_token=None))
-    session.commit()
-    return res.rowcount == 1
+    """queued/running -> cancelled; False if the study had already finished."""
+    return _cancel(session, Study, study_id)
 
 
 def retry_study(session, study_id: str) -> bool:
-    now = utcnow()
-    res = session.execute(update(Study).where(Study.id == study_id, Study.status.in_((FAILED, CANCELLED)))
-                          .values(status=QUEUED, attempts=0, error=None, progress=0.0, finished_at=None,
-                                  started_at=None, heartbeat_at=None, claim_token=None, dispatched_at=None,
-                                  report=None, result_checksums=None, updated_at=now))
-    session.commit()
-    return res.rowcount == 1
+    """failed/cancelled -> queued, report and checksums cleared; False otherwise."""
+    return _retry(session, Study, study_id, STUDY_RESULT_COLUMNS)
 
 
 def requeue_stale_studies(session, stale_after: float, max_attempts: int) -> tuple[list[str], list[str]]:
     """Running studies without a heartbeat for `stale_after` s: back to queued, or failed after `max_attempts`
-    claims (a study that keeps killing workers must not loop forever). Returns (requeued ids, failed ids)."""
-    now = utcnow()
-    stale = now - timedelta(seconds=stale_after)
-    rows = session.execute(select(Study.id, Study.attempts, Study.claim_token).where(
-        Study.status == RUNNING, or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < stale)).limit(1000)).all()
-    requeued, failed = [], []
-    for sid, attempts, lease in rows:
-        base = update(Study).where(Study.id == sid, Study.status == RUNNING,
-                                   (Study.claim_token == lease) if lease else Study.claim_token.is_(None),
-                                   or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < stale))
-        if attempts >= max_attempts:
-            res = session.execute(base.values(
-                status=FAILED, finished_at=now, updated_at=now,
-                error=f"gave up after {attempts} attempts (worker lost or time limit exceeded)"))
-            (failed if res.rowcount else []).append(sid)
-        else:
-            res = session.execute(base.values(status=QUEUED, claim_token=None, progress=0.0, dispatched_at=None,
-                                              updated_at=now))
-            (requeued if res.rowcount else []).append(sid)
-    session.commit()
-    return requeued, failed
+    claims. Returns (requeued ids, failed ids)."""
+    return _requeue_stale(session, Study, stale_after, max_attempts, limit=1000)
