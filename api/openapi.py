@@ -13,6 +13,37 @@ def _id_param(name):
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
 
 
+def _list_params(*extra):
+    """Query parameters of a cursor-paginated listing (jobs, studies); `extra` go after `status`."""
+    return [{"name": "status", "in": "query", "schema": {"type": "string"},
+             "description": "comma-separated: " + ",".join(STATUSES)},
+            *extra,
+            {"name": "created_after", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+            {"name": "created_before", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200,
+                                                        "default": 50}},
+            {"name": "cursor", "in": "query", "schema": {"type": "string"},
+             "description": "next_cursor of the previous page"}]
+
+
+def _cancel_retry_paths(base: str, noun: str, plural: str, common: dict) -> dict:
+    """POST {base}/{noun_id}/cancel and /retry: the same lifecycle for jobs and studies."""
+    param = _id_param(f"{noun}_id")
+    return {
+        f"{base}/{{{noun}_id}}/cancel": {"post": {
+            "summary": f"cancel a queued or running {noun} (idempotent for cancelled {plural})",
+            "parameters": [param],
+            "responses": {"200": {"description": noun}, "400": _err("malformed JSON body"),
+                          "404": _err(f"unknown {noun}"), "409": _err(f"{noun} already finished"), **common}}},
+        f"{base}/{{{noun}_id}}/retry": {"post": {
+            "summary": f"re-run a failed or cancelled {noun}",
+            "parameters": [param],
+            "responses": {"202": {"description": f"{noun}, queued again"}, "400": _err("malformed JSON body"),
+                          "404": _err(f"unknown {noun}"), "409": _err(f"{noun} is not failed or cancelled"),
+                          **common}}},
+    }
+
+
 def spec() -> dict:
     upload = {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
@@ -98,18 +129,8 @@ def spec() -> dict:
                              "415": _err("not multipart, or not a PNG/JPEG/TIFF/DICOM image"),
                              "422": _err("image too small, Idempotency-Key reused with other files"), **common}},
                 "get": {"summary": "list jobs, newest first (cursor pagination)",
-                        "parameters": [
-                            {"name": "status", "in": "query", "schema": {"type": "string"},
-                             "description": "comma-separated: " + ",".join(STATUSES)},
-                            {"name": "batch_id", "in": "query", "schema": {"type": "string"}},
-                            {"name": "created_after", "in": "query", "schema": {"type": "string",
-                                                                                "format": "date-time"}},
-                            {"name": "created_before", "in": "query", "schema": {"type": "string",
-                                                                                 "format": "date-time"}},
-                            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                                        "maximum": 200, "default": 50}},
-                            {"name": "cursor", "in": "query", "schema": {"type": "string"},
-                             "description": "next_cursor of the previous page"}],
+                        "parameters": _list_params(
+                            {"name": "batch_id", "in": "query", "schema": {"type": "string"}}),
                         "responses": {"200": {"description": "{jobs: [Job], next_cursor}"},
                                       "400": _err("bad filter, limit or cursor"), **common}}},
             "/api/v1/jobs/{job_id}": {"get": {
@@ -124,17 +145,7 @@ def spec() -> dict:
                 "responses": {"200": {"description": "PNG", "content": {"image/png": {}}},
                               "404": _err("unknown job or result"), "409": _err("job has not succeeded"),
                               **common}}},
-            "/api/v1/jobs/{job_id}/cancel": {"post": {
-                "summary": "cancel a queued or running job (idempotent for cancelled jobs)",
-                "parameters": [_id_param("job_id")],
-                "responses": {"200": {"description": "job"}, "400": _err("malformed JSON body"),
-                              "404": _err("unknown job"), "409": _err("job already finished"), **common}}},
-            "/api/v1/jobs/{job_id}/retry": {"post": {
-                "summary": "re-run a failed or cancelled job",
-                "parameters": [_id_param("job_id")],
-                "responses": {"202": {"description": "job, queued again"}, "400": _err("malformed JSON body"),
-                              "404": _err("unknown job"), "409": _err("job is not failed or cancelled"),
-                              **common}}},
+            **_cancel_retry_paths("/api/v1/jobs", "job", "jobs", common),
             "/api/v1/batches/{batch_id}": {"get": {
                 "summary": "batch progress: counts per status and percent done",
                 "parameters": [_id_param("batch_id")],
@@ -163,16 +174,7 @@ def spec() -> dict:
                              "415": _err("not multipart"),
                              "422": _err("Idempotency-Key reused with another upload"), **common}},
                 "get": {"summary": "list studies, newest first (cursor pagination)",
-                        "parameters": [
-                            {"name": "status", "in": "query", "schema": {"type": "string"},
-                             "description": "comma-separated: " + ",".join(STATUSES)},
-                            {"name": "created_after", "in": "query", "schema": {"type": "string",
-                                                                                "format": "date-time"}},
-                            {"name": "created_before", "in": "query", "schema": {"type": "string",
-                                                                                 "format": "date-time"}},
-                            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                                        "maximum": 200, "default": 50}},
-                            {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+                        "parameters": _list_params(),
                         "responses": {"200": {"description": "{studies: [Study], next_cursor}"},
                                       "400": _err("bad filter, limit or cursor"), **common}}},
             "/api/v1/studies/{study_id}": {"get": {
@@ -188,17 +190,7 @@ def spec() -> dict:
                 "responses": {"200": {"description": "the file", "content": {
                     "application/gzip": {}, "application/json": {}, "image/png": {}}},
                     "404": _err("unknown study or file"), "409": _err("study has not succeeded"), **common}}},
-            "/api/v1/studies/{study_id}/cancel": {"post": {
-                "summary": "cancel a queued or running study (idempotent for cancelled studies)",
-                "parameters": [_id_param("study_id")],
-                "responses": {"200": {"description": "study"}, "400": _err("malformed JSON body"),
-                              "404": _err("unknown study"), "409": _err("study already finished"), **common}}},
-            "/api/v1/studies/{study_id}/retry": {"post": {
-                "summary": "re-run a failed or cancelled study",
-                "parameters": [_id_param("study_id")],
-                "responses": {"202": {"description": "study, queued again"}, "400": _err("malformed JSON body"),
-                              "404": _err("unknown study"), "409": _err("study is not failed or cancelled"),
-                              **common}}},
+            **_cancel_retry_paths("/api/v1/studies", "study", "studies", common),
             "/predict": {"post": {
                 "summary": "legacy: one slice in, overlay PNG out (queued like any job; waits "
                            "COVIDSEG_PREDICT_TIMEOUT seconds)",
