@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 import localstack  # noqa: E402
+# the test suite's DICOM series builder and fixture-slice loader (one implementation for tests and benchmarks)
+from tests.core.helpers import fixture_slice_hu, write_dicom_series  # noqa: E402
 
 SLICES = sorted((REPO / "tests" / "fixtures" / "slices").glob("covid_*.png"))
 PREDICT_SLICE = REPO / "tests" / "fixtures" / "slices" / "covid_0300.png"
@@ -48,12 +50,7 @@ SPACING = (0.7, 0.7, 1.25)   # x, y (mm per pixel), z (mm between slices)
 def build_volume(n_slices: int, size: int) -> np.ndarray:
     """HU volume (z, y, x) int16: the fixture slices in HU (gray 0..255 -> -1350..150 HU, a lung window),
     resized to size x size and blended linearly between consecutive key slices along z."""
-    import cv2
-    keys = []
-    for p in SLICES:
-        g = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).astype(np.float32)
-        g = cv2.resize(g, (size, size), interpolation=cv2.INTER_CUBIC)
-        keys.append(g * (1500.0 / 255.0) - 1350.0)
+    keys = [fixture_slice_hu(p, size) for p in SLICES]
     vol = np.empty((n_slices, size, size), np.int16)
     span = max(1, n_slices - 1)
     for z in range(n_slices):
@@ -81,36 +78,10 @@ def nifti_bytes(vol_zyx: np.ndarray) -> bytes:
 def dicom_zip_bytes(vol_zyx: np.ndarray, folder: Path) -> bytes:
     """A zip of one CT series (one file per slice, IPP along +z, stored = HU + 1024) written into `folder`
     first and zipped the way `covidseg submit` zips a DICOM folder."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
     from shared.cli.bulk import LocalStudy, write_study_zip
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    files = []
-    for k in range(vol_zyx.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientName, ds.PatientID = "Bench^Phantom", "BENCH001"
-        ds.InstanceNumber = k + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-180.0, -180.0, -200.0 + k * SPACING[2]]
-        ds.PixelSpacing = [SPACING[1], SPACING[0]]
-        ds.SliceThickness = SPACING[2]
-        ds.Rows, ds.Columns = vol_zyx.shape[1], vol_zyx.shape[2]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (vol_zyx[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
-        p = folder / f"IM{k:05d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        files.append(p)
+    files = write_dicom_series(folder, vol_zyx, spacing=(SPACING[1], SPACING[0]), dz=SPACING[2],
+                               origin=(-180.0, -180.0, -200.0), order="spatial",
+                               patient=("Bench^Phantom", "BENCH001"))
     buf = io.BytesIO()
     write_study_zip(LocalStudy(rel=".", kind="dicom", files=files), buf)
     return buf.getvalue()

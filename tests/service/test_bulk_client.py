@@ -22,62 +22,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+# tests/core/helpers.py: the one DICOM/NIfTI builder of the test suite (pytest puts tests/ on sys.path)
+from core.helpers import FIXTURE_SLICES as SLICES
+from core.helpers import fixture_slice_hu
+from core.helpers import write_dicom_series as core_write_dicom_series
+from core.helpers import write_nifti as core_write_nifti
 
 REPO = Path(__file__).resolve().parents[2]
-SLICES = sorted((REPO / "tests" / "fixtures" / "slices").glob("covid_*.png"))
 SQLITE = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 
 # --- studies on disk ---------------------------------------------------------------------------------------------
 def hu_stack(n: int, offset: int = 0) -> np.ndarray:
-    """(n, 256, 256) int16 HU from the real fixture slices (gray 0..255 -> -1350..150 HU)."""
-    import cv2
-    out = [cv2.imread(str(SLICES[(offset + k) % len(SLICES)]), cv2.IMREAD_GRAYSCALE).astype(np.float32)
-           * (1500.0 / 255.0) - 1350.0 for k in range(n)]
+    """(n, 256, 256) int16 HU from the real fixture slices."""
+    out = [fixture_slice_hu(SLICES[(offset + k) % len(SLICES)]) for k in range(n)]
     return np.clip(np.round(np.stack(out)), -1024, 3071).astype(np.int16)
 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, *, names=None, dz: float = 2.5) -> list[Path]:
-    """One CT series, one file per slice (shuffled file order), IPP along +z, 0.7 mm pixels."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    paths = []
-    order = list(range(hu.shape[0]))[::-1]
-    for n, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientName, ds.PatientID = "Bulk^Test", "BULK01"
-        ds.InstanceNumber = n + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-90.0, -90.0, 10.0 + k * dz]
-        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], dz
-        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
-        p = folder / (names[n] if names else f"IM{n:04d}.dcm")
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    """One CT series, files written in reverse spatial order, IPP along +z, 0.7 mm pixels."""
+    return core_write_dicom_series(folder, hu, spacing=(0.7, 0.7), dz=dz, origin=(-90.0, -90.0, 10.0),
+                                   order="reversed", names=names, patient=("Bulk^Test", "BULK01"))
 
 
 def write_nifti(path: Path, hu: np.ndarray) -> Path:
-    import nibabel as nib
-    data = np.ascontiguousarray(hu.transpose(2, 1, 0))        # (x, y, z)
-    img = nib.Nifti1Image(data, np.diag([0.7, 0.7, 2.5, 1.0]))
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
-    return path
+    return core_write_nifti(path, np.ascontiguousarray(hu.transpose(2, 1, 0)), np.diag([0.7, 0.7, 2.5, 1.0]))
 
 
 def make_studies(root: Path) -> dict[str, str]:
