@@ -35,6 +35,19 @@ class CLIError(Exception):
         self.code = code
 
 
+def int_at_least(minimum: int, what: str):
+    """argparse type: an integer >= minimum, with a message naming what was expected."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's error convention (raises CLIError instead of printing and exiting)."""
 

@@ -63,7 +63,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
-from shared.cli import CLIError
+from shared.cli import CLIError, int_at_least
 
 DEFAULT_MANIFEST = "covidseg-manifest.json"
 MANIFEST_FORMAT = "covidseg-bulk-manifest"
@@ -495,18 +495,6 @@ class MultipartBody:
 # --------------------------------------------------------------------------------------------------------------
 # argument helpers
 # --------------------------------------------------------------------------------------------------------------
-def _int_at_least(minimum: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-    return parse
-
-
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -1038,7 +1026,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", default=DEFAULT_MANIFEST,
                    help=f"local JSON record of the run (default ./{DEFAULT_MANIFEST})")
     p.add_argument("--token", default=None, help="bearer token (default: $COVIDSEG_TOKEN)")
-    p.add_argument("--retries", type=_int_at_least(0, "an integer >= 0"), default=5,
+    p.add_argument("--retries", type=int_at_least(0, "an integer >= 0"), default=5,
                    help="retries of a request after connection errors, timeouts, 429 and 5xx (default 5)")
     p.add_argument("--backoff", type=_nonneg_float, default=1.0,
                    help="first retry delay in seconds, doubled each time, with jitter (default 1)")
@@ -1052,7 +1040,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("dir", metavar="DIR", help="folder of studies (DICOM folders, .zip, .nii, .nii.gz)")
     s.add_argument("--server", default=None, help="service URL, e.g. http://host:8000 (default: $COVIDSEG_SERVER)")
-    s.add_argument("--concurrency", type=_int_at_least(1, "a positive integer"), default=2,
+    s.add_argument("--concurrency", type=int_at_least(1, "a positive integer"), default=2,
                    help="parallel uploads (default 2)")
     s.add_argument("--resubmit-rejected", action="store_true",
                    help="send studies the server rejected before again (by default only if their files changed)")

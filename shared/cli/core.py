@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.cli import CLIError
+from shared.cli import CLIError, int_at_least
 
 #: file name endings treated as 2-D images in folders (evaluate, predict, convert output)
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
@@ -35,21 +35,8 @@ def _add_model_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
         p.add_argument("--batch-size", type=_positive_int, default=8, help="slices per model call (default 8)")
 
 
-def _int_at_least(minimum: int, what: str):
-    """argparse type: an integer >= minimum, with a message naming what was expected."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
+_positive_int = int_at_least(1, "a positive integer")
+_nonneg_int = int_at_least(0, "an integer >= 0")
 
 
 def _threshold(text: str) -> float:
