@@ -1,4 +1,5 @@
-"""Query-parameter parsing shared by the public API and the admin API: timestamps and opaque cursors."""
+"""Query-parameter parsing shared by the public API and the admin API: status filter, timestamps, opaque
+cursors and pages."""
 from __future__ import annotations
 
 import base64
@@ -9,6 +10,7 @@ from datetime import datetime, timezone
 from flask import request
 
 from api.errors import ApiError
+from shared.db import STATUSES
 
 
 def parse_time(name: str):
@@ -60,3 +62,19 @@ def created_range_and_page(q, model, args, default_limit: int):
     if args.get("cursor"):
         q = q.where(model.seq < decode_cursor(args["cursor"]))
     return q.order_by(model.seq.desc()).limit(limit + 1), limit
+
+
+def filter_status(q, model, args):
+    """Apply the `status` parameter (comma-separated STATUSES) of the listings; an unknown status is a 400."""
+    statuses = [x for x in (args.get("status") or "").split(",") if x]
+    bad = [x for x in statuses if x not in STATUSES]
+    if bad:
+        raise ApiError(400, "invalid_status", f"unknown status {bad[0]!r}; use {', '.join(STATUSES)}")
+    return q.where(model.status.in_(statuses)) if statuses else q
+
+
+def page_of(rows, limit: int, seq=lambda row: row.seq):
+    """Split the limit + 1 rows of `created_range_and_page` into (this page, next_cursor or None)."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (encode_cursor(seq(rows[-1])) if more and rows else None)

@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_token, services
 from api.errors import ApiError
-from api.params import created_range_and_page, encode_cursor
+from api.params import created_range_and_page, filter_status, page_of
 from api.routes import _ID, _IDEMPOTENCY_KEY, _iso, _json_body
 from api.uploads import sanitize_filename
 from shared import db
@@ -319,19 +319,12 @@ def _delete_quietly(study_id: str) -> None:
 def list_studies():
     args = request.args
     q = select(db.Study).where(db.Study.token_id == g.token_id)
-    statuses = [x for x in (args.get("status") or "").split(",") if x]
-    bad = [x for x in statuses if x not in db.STATUSES]
-    if bad:
-        raise ApiError(400, "invalid_status", f"unknown status {bad[0]!r}; use {', '.join(db.STATUSES)}")
-    if statuses:
-        q = q.where(db.Study.status.in_(statuses))
+    q = filter_status(q, db.Study, args)
     q, limit = created_range_and_page(q, db.Study, args, default_limit=50)
     with services().Session() as session:
         rows = session.execute(q).scalars().all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return jsonify(studies=[study_json(st) for st in rows],
-                   next_cursor=encode_cursor(rows[-1].seq) if more and rows else None)
+    rows, next_cursor = page_of(rows, limit)
+    return jsonify(studies=[study_json(st) for st in rows], next_cursor=next_cursor)
 
 
 @bp_studies.get("/studies/<study_id>")

@@ -16,7 +16,7 @@ from sqlalchemy import or_, select
 from api.admin import auth, stats
 from api.admin.auth import admin_api, admin_page, cfg, services
 from api.errors import ApiError
-from api.params import created_range_and_page, encode_cursor
+from api.params import created_range_and_page, filter_status, page_of
 from api.routes import result_response
 from api.web import security_headers
 from shared import admin_users, db
@@ -168,13 +168,8 @@ def list_jobs():
     """All jobs (every token), newest first. Filters: status (comma list), batch_id, created_after,
     created_before, q (job id, id prefix or batch id); cursor pagination (`next_cursor`)."""
     args = request.args
-    q = select(db.Job, db.ApiToken.name).join(db.ApiToken, db.ApiToken.id == db.Job.token_id, isouter=True)
-    statuses = [x for x in (args.get("status") or "").split(",") if x]
-    bad = [x for x in statuses if x not in db.STATUSES]
-    if bad:
-        raise ApiError(400, "invalid_status", f"unknown status {bad[0]!r}; use {', '.join(db.STATUSES)}")
-    if statuses:
-        q = q.where(db.Job.status.in_(statuses))
+    q = with_token_name(db.Job)
+    q = filter_status(q, db.Job, args)
     batch = (args.get("batch_id") or "").strip().lower()
     if batch:
         if not _ID.match(batch):
@@ -189,21 +184,27 @@ def list_jobs():
     q, limit = created_range_and_page(q, db.Job, args, default_limit=25)
     with services().Session() as session:
         rows = session.execute(q).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return jsonify(jobs=[admin_job_json(j, name) for j, name in rows],
-                   next_cursor=encode_cursor(rows[-1][0].seq) if more and rows else None)
+    rows, next_cursor = page_of(rows, limit, seq=lambda row: row[0].seq)
+    return jsonify(jobs=[admin_job_json(j, name) for j, name in rows], next_cursor=next_cursor)
+
+
+def with_token_name(model):
+    """SELECT (row, name of its API token) for Job or Study: the admin views show whose work it is."""
+    return select(model, db.ApiToken.name).join(db.ApiToken, db.ApiToken.id == model.token_id, isouter=True)
+
+
+def load_with_token_name(session, model, row_id: str, noun: str):
+    """(row, token name) of one job or study by id; 404 `<noun>_not_found` for a malformed or unknown id."""
+    row = None
+    if _ID.match(row_id or ""):
+        row = session.execute(with_token_name(model).where(model.id == row_id)).first()
+    if row is None:
+        raise ApiError(404, f"{noun}_not_found", f"no such {noun}")
+    return row
 
 
 def _load(session, job_id: str):
-    if not _ID.match(job_id or ""):
-        raise ApiError(404, "job_not_found", "no such job")
-    row = session.execute(select(db.Job, db.ApiToken.name)
-                          .join(db.ApiToken, db.ApiToken.id == db.Job.token_id, isouter=True)
-                          .where(db.Job.id == job_id)).first()
-    if row is None:
-        raise ApiError(404, "job_not_found", "no such job")
-    return row
+    return load_with_token_name(session, db.Job, job_id, "job")
 
 
 @bp_admin_api.get("/jobs/<job_id>")

@@ -11,10 +11,10 @@ import logging
 from flask import g, jsonify, request, url_for
 from sqlalchemy import func, select
 
-from api.admin import _ID, _HEX_PREFIX, _page, bp_admin, bp_admin_api
+from api.admin import _HEX_PREFIX, _page, bp_admin, bp_admin_api, load_with_token_name, with_token_name
 from api.admin.auth import admin_api, admin_page, services
 from api.errors import ApiError
-from api.params import created_range_and_page, encode_cursor
+from api.params import created_range_and_page, filter_status, page_of
 from api.studies import cancel, retry, study_file_response, study_json
 from shared import db
 
@@ -45,14 +45,7 @@ def studies_page():
 
 
 def _load(session, study_id: str):
-    if not _ID.match(study_id or ""):
-        raise ApiError(404, "study_not_found", "no such study")
-    row = session.execute(select(db.Study, db.ApiToken.name)
-                          .join(db.ApiToken, db.ApiToken.id == db.Study.token_id, isouter=True)
-                          .where(db.Study.id == study_id)).first()
-    if row is None:
-        raise ApiError(404, "study_not_found", "no such study")
-    return row
+    return load_with_token_name(session, db.Study, study_id, "study")
 
 
 @bp_admin_api.get("/studies")
@@ -61,13 +54,8 @@ def list_studies():
     """All studies, newest first. Filters: status (comma list), q (study id or its start), created_after,
     created_before; cursor pagination. `counts`: studies per status (all of them, unfiltered)."""
     args = request.args
-    q = select(db.Study, db.ApiToken.name).join(db.ApiToken, db.ApiToken.id == db.Study.token_id, isouter=True)
-    statuses = [x for x in (args.get("status") or "").split(",") if x]
-    bad = [x for x in statuses if x not in db.STATUSES]
-    if bad:
-        raise ApiError(400, "invalid_status", f"unknown status {bad[0]!r}; use {', '.join(db.STATUSES)}")
-    if statuses:
-        q = q.where(db.Study.status.in_(statuses))
+    q = with_token_name(db.Study)
+    q = filter_status(q, db.Study, args)
     term = (args.get("q") or "").strip().lower()
     if term:
         if not _HEX_PREFIX.match(term):
@@ -77,11 +65,9 @@ def list_studies():
     with services().Session() as session:
         rows = session.execute(q).all()
         counts = dict(session.execute(select(db.Study.status, func.count()).group_by(db.Study.status)).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, next_cursor = page_of(rows, limit, seq=lambda row: row[0].seq)
     return jsonify(studies=[admin_study_json(st, name) for st, name in rows],
-                   counts={s: int(counts.get(s, 0)) for s in db.STATUSES},
-                   next_cursor=encode_cursor(rows[-1][0].seq) if more and rows else None)
+                   counts={s: int(counts.get(s, 0)) for s in db.STATUSES}, next_cursor=next_cursor)
 
 
 @bp_admin_api.get("/studies/<study_id>")
