@@ -3,16 +3,9 @@
 (function () {
   const API = "/api/v1/admin";
   const CSRF = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
-  const $ = (sel, root) => (root || document).querySelector(sel);
-  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const { TERMINAL, $, sentence, el } = window.covidsegUI;    // api/web/static/common.js
   const SVG = "http://www.w3.org/2000/svg";
 
-  function sentence(text) {
-    text = String(text || "").trim();
-    if (!text) return "";
-    text = text.charAt(0).toUpperCase() + text.slice(1);
-    return /[.!?]$/.test(text) ? text : text + ".";
-  }
   function errorSentence(status, data) {
     const msg = data && typeof data.error === "string" ? data.error : "";
     if (status === 0) return "The server could not be reached. Check the network connection.";
@@ -52,12 +45,6 @@
     return (s / 3600).toFixed(1) + " h";
   }
   function secsBetween(a, b) { return a && b ? (new Date(b) - new Date(a)) / 1000 : null; }
-  function el(tag, attrs, text) {
-    const e = document.createElement(tag);
-    Object.entries(attrs || {}).forEach(([k, v]) => { if (v !== undefined && v !== null) e.setAttribute(k, v); });
-    if (text !== undefined && text !== null) e.textContent = text;
-    return e;
-  }
   function badge(status) { return el("span", { class: "badge " + status }, status); }
 
   const pageError = $("#page-error"), actionMessage = $("#action-message");

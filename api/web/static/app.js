@@ -7,20 +7,10 @@
   const API = body.dataset.api || "/api/v1";
   const MAX_BYTES = parseInt(body.dataset.maxUploadBytes || "0", 10) || Infinity;
   const MAX_FILES = parseInt(body.dataset.maxFiles || "0", 10) || Infinity;
-  const TOKEN_KEY = "covidseg.apiToken";
-  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-  const $ = (sel, root) => (root || document).querySelector(sel);
+  const { TERMINAL, TOKEN_KEY, $, sentence, token } = window.covidsegUI;    // common.js
 
   // ---------------------------------------------------------------------------------------------------------
   // API access and error sentences
-  function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
-
-  function sentence(text) {
-    text = String(text || "").trim();
-    if (!text) return "";
-    text = text.charAt(0).toUpperCase() + text.slice(1);
-    return /[.!?]$/.test(text) ? text : text + ".";
-  }
 
   /** A plain sentence for an API answer that is not a success. */
   function errorSentence(status, data, what) {

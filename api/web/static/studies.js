@@ -7,17 +7,8 @@
   const API = body.dataset.api || (ADMIN ? "/api/v1/admin" : "/api/v1");
   const CSRF = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
   const MAX_BYTES = parseInt(body.dataset.maxUploadBytes || "0", 10) || Infinity;
-  const TOKEN_KEY = "covidseg.apiToken";
-  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-  const $ = (sel, root) => (root || document).querySelector(sel);
+  const { TERMINAL, TOKEN_KEY, $, sentence, el, token } = window.covidsegUI;    // common.js
 
-  function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
-  function sentence(text) {
-    text = String(text || "").trim();
-    if (!text) return "";
-    text = text.charAt(0).toUpperCase() + text.slice(1);
-    return /[.!?]$/.test(text) ? text : text + ".";
-  }
   function errorSentence(status, data) {
     const msg = data && typeof data.error === "string" ? data.error : "";
     if (status === 0) return "The server could not be reached. Check the network connection and try again.";
@@ -46,12 +37,6 @@
     else { try { data = await resp.json(); } catch (e) { data = null; } }
     if (ADMIN && resp.status === 401) location.href = "/admin/login?next=" + encodeURIComponent(location.pathname);
     return { ok: resp.ok, status: resp.status, data };
-  }
-  function el(tag, attrs, text) {
-    const e = document.createElement(tag);
-    Object.entries(attrs || {}).forEach(([k, v]) => { if (v !== undefined && v !== null) e.setAttribute(k, v); });
-    if (text !== undefined && text !== null) e.textContent = text;
-    return e;
   }
   function fmtTime(iso) {
     return iso ? new Date(iso).toLocaleString(undefined, { year: "numeric", month: "2-digit", day: "2-digit",
