@@ -175,10 +175,8 @@ def list_jobs():
         if not _ID.match(batch):
             raise ApiError(400, "invalid_batch_id", "a batch id has 32 characters 0-9 and a-f")
         q = q.where(db.Job.batch_id == batch)
-    term = (args.get("q") or "").strip().lower()
+    term = search_term(args, "a job or batch id")
     if term:
-        if not _HEX_PREFIX.match(term):
-            raise ApiError(400, "invalid_search", "search for a job or batch id (characters 0-9 and a-f)")
         q = q.where(or_(db.Job.id == term, db.Job.batch_id == term) if len(term) == 32
                     else db.Job.id.like(term + "%"))
     q, limit = created_range_and_page(q, db.Job, args, default_limit=25)
@@ -186,6 +184,14 @@ def list_jobs():
         rows = session.execute(q).all()
     rows, next_cursor = page_of(rows, limit, seq=lambda row: row[0].seq)
     return jsonify(jobs=[admin_job_json(j, name) for j, name in rows], next_cursor=next_cursor)
+
+
+def search_term(args, what: str) -> str:
+    """The admin listings' `q` parameter, lower-cased: an id or the start of one; anything else is a 400."""
+    term = (args.get("q") or "").strip().lower()
+    if term and not _HEX_PREFIX.match(term):
+        raise ApiError(400, "invalid_search", f"search for {what} (characters 0-9 and a-f)")
+    return term
 
 
 def with_token_name(model):

@@ -11,9 +11,8 @@ import logging
 from flask import g, jsonify, request, url_for
 from sqlalchemy import func, select
 
-from api.admin import _HEX_PREFIX, _page, bp_admin, bp_admin_api, load_with_token_name, with_token_name
+from api.admin import _page, bp_admin, bp_admin_api, load_with_token_name, search_term, with_token_name
 from api.admin.auth import admin_api, admin_page, services
-from api.errors import ApiError
 from api.params import created_range_and_page, filter_status, page_of
 from api.studies import cancel, retry, study_file_response, study_json
 from shared import db
@@ -56,10 +55,8 @@ def list_studies():
     args = request.args
     q = with_token_name(db.Study)
     q = filter_status(q, db.Study, args)
-    term = (args.get("q") or "").strip().lower()
+    term = search_term(args, "a study id")
     if term:
-        if not _HEX_PREFIX.match(term):
-            raise ApiError(400, "invalid_search", "search for a study id (characters 0-9 and a-f)")
         q = q.where(db.Study.id == term if len(term) == 32 else db.Study.id.like(term + "%"))
     q, limit = created_range_and_page(q, db.Study, args, default_limit=25)
     with services().Session() as session:
