@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from core.helpers import FIXTURE_SLICES, fixture_slice_hu    # tests/core/helpers.py (tests/ is on sys.path)
 from sqlalchemy import select, update
 
 from shared import db
@@ -34,13 +35,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 def _hu_slices(n: int) -> list[np.ndarray]:
     """n real CT slices (the four 256x256 COVID-19-CT-Seg fixtures, repeated) as Hounsfield units: the inverse of
     the lung window (-600, 1500) the service applies, so the model sees the fixture images."""
-    import cv2
-    paths = sorted(SLICES.glob("covid_*.png"))
-    out = []
-    for k in range(n):
-        u8 = cv2.imread(str(paths[k % len(paths)]), cv2.IMREAD_GRAYSCALE).astype(np.float32)
-        out.append(np.round(-1350.0 + u8 * (1500.0 / 255.0)))
-    return out
+    return [np.round(fixture_slice_hu(FIXTURE_SLICES[k % len(FIXTURE_SLICES)])) for k in range(n)]
 
 
 def _dicom_series(n: int = 6, series_uid: str | None = None, skip: tuple = (), size: dict | None = None,
