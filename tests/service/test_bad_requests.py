@@ -15,7 +15,10 @@ from sqlalchemy import select, update
 
 from shared import db
 
-KEY_RE = re.compile(r"^(inputs/[0-9a-f]{32}|results/[0-9a-f]{32}/(mask|probability|overlay)\.png)$")
+# every object the service may write (other test modules share the bucket: studies live under studies/<id>/)
+KEY_RE = re.compile(r"^(inputs/[0-9a-f]{32}|results/[0-9a-f]{32}/(mask|probability|overlay)\.png"
+                    r"|studies/[0-9a-f]{32}/(input\.tar|upload|results/(overlays/)?[A-Za-z0-9_-]{1,64}"
+                    r"(\.[A-Za-z0-9]{1,8}){1,2}))$")
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
