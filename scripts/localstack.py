@@ -50,10 +50,14 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def free_port(with_grpc_twin: bool = False) -> int:
-    """A free TCP port on 127.0.0.1 (and port+10000 free too, for SeaweedFS' gRPC ports)."""
+def free_port(with_grpc_twin: bool = False, avoid: set[int] | frozenset = frozenset()) -> int:
+    """A free TCP port on 127.0.0.1 (and port+10000 free too, for SeaweedFS' gRPC ports), not in `avoid` and
+    (with the twin) not clashing with the twins of the ports in `avoid`: one weed process binds them all."""
+    taken = set(avoid) | {a + 10000 for a in avoid} if with_grpc_twin else set(avoid)
     for _ in range(2000):
         p = random.randint(20000, 54000) if with_grpc_twin else random.randint(20000, 60000)
+        if p in taken or (with_grpc_twin and p + 10000 in taken):
+            continue
         if _port_free(p) and (not with_grpc_twin or _port_free(p + 10000)):
             return p
     raise RuntimeError("no free port")
@@ -168,8 +172,11 @@ class SeaweedS3:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.access_key, self.secret_key = access_key, secret_key
         self.port = port or free_port(with_grpc_twin=True)
-        self.ports = {"master": free_port(True), "filer": free_port(True), "volume": free_port(True),
-                      "admin": free_port(True)}
+        chosen = {self.port}
+        self.ports = {}
+        for name in ("master", "filer", "volume", "admin"):
+            self.ports[name] = free_port(True, avoid=chosen)
+            chosen.add(self.ports[name])
         self.proc: subprocess.Popen | None = None
 
     @property
