@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 import tempfile
 import threading
@@ -32,7 +31,7 @@ from sqlalchemy import select
 from shared import db
 from shared.celery_app import STUDY_TASK, celery_app
 from shared.storage import study_input_key, study_result_key, study_results_prefix
-from worker.tasks import TRANSIENT, _backoff, resources, settings
+from worker.tasks import TRANSIENT, _backoff, claim_with_retry, resources, settings
 
 log = logging.getLogger("covidseg.worker.study")
 
@@ -126,16 +125,9 @@ def _extract(data: bytes, dest: Path) -> None:
 def process_study(self, study_id):
     s = settings()
     r = resources()
-    lease = db.new_id()
-    worker_name = f"{self.request.hostname or 'worker'}:{os.getpid()}"
-    try:
-        with r.Session() as session:
-            study = db.claim_study(session, study_id, lease, worker_name, s.stale_after)
-    except TRANSIENT as exc:
-        if self.request.retries >= s.task_max_retries:
-            log.error("cannot claim study %s: %s (the sweep will re-publish it)", study_id, exc)
-            return {"claimed": 0}
-        raise self.retry(countdown=_backoff(self.request.retries), exc=exc)
+    lease, worker_name, study = claim_with_retry(
+        self, lambda session, lease, name: db.claim_study(session, study_id, lease, name, s.stale_after),
+        f"study {study_id}")
     if study is None:
         return {"claimed": 0}   # finished, cancelled or held by a live worker: a duplicate message is a no-op
     if study.attempts > s.job_max_attempts:

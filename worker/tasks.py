@@ -147,21 +147,30 @@ def _backoff(retries: int) -> int:
     return min(settings().retry_backoff_max, 2 ** retries)
 
 
+def claim_with_retry(task, claim, what):
+    """Run `claim(session, lease, worker_name)` under a fresh lease, for the job and the study tasks alike.
+
+    A transient DB error re-runs the task with back-off; after `task_max_retries` it gives up and returns None as
+    the claim (the sweep re-publishes the work). Returns (lease, worker_name, claimed)."""
+    lease = db.new_id()
+    worker_name = f"{task.request.hostname or 'worker'}:{os.getpid()}"
+    try:
+        with resources().Session() as session:
+            return lease, worker_name, claim(session, lease, worker_name)
+    except TRANSIENT as exc:
+        if task.request.retries >= settings().task_max_retries:
+            log.error("cannot claim %s: %s (the sweep will re-publish it)", what, exc)
+            return lease, worker_name, None
+        raise task.retry(countdown=_backoff(task.request.retries), exc=exc)
+
+
 @celery_app.task(name=PROCESS_TASK, bind=True, max_retries=None)
 def process_jobs(self, job_ids):
     s = settings()
     r = resources()
-    lease = db.new_id()
-    worker_name = f"{self.request.hostname or 'worker'}:{os.getpid()}"
     clock = _Clock()
-    try:
-        with r.Session() as session:
-            jobs = db.claim_jobs(session, job_ids, lease, worker_name, s.stale_after)
-    except TRANSIENT as exc:
-        if self.request.retries >= s.task_max_retries:
-            log.error("cannot claim %s: %s (the sweep will re-publish them)", job_ids, exc)
-            return {"claimed": 0}
-        raise self.retry(countdown=_backoff(self.request.retries), exc=exc)
+    lease, worker_name, jobs = claim_with_retry(
+        self, lambda session, lease, name: db.claim_jobs(session, job_ids, lease, name, s.stale_after), job_ids)
     if not jobs:
         return {"claimed": 0}
     with r.Session() as session:
