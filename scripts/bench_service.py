@@ -20,10 +20,13 @@ Each request uses a fresh random multipart boundary, as real clients do. Clients
 processes (threads within each) so the client side costs little CPU; the CPU time every component spent per
 request (API, S3, database, Redis, clients) is read from /proc and reported.
 
-End to end (`--batch`, `--singles`), with ONE worker (concurrency 1, both queues):
-* bare inference reference: `covidseg bench --backends int8` run at the same nice level just before and just
-  after (model only, batch 8: the target's denominator is the mean of the two), and its whole path (decode +
-  preprocess + infer + render);
+End to end (`--batch`, `--singles`), with ONE worker (both queues; its pool has `--worker-concurrency`
+processes, default COVIDSEG_WORKER_CONCURRENCY = 2):
+* bare inference reference: `covidseg bench --backends int8 --processes N` run at the same nice level just before
+  and just after (model only, batch 8; the ratios use the mean of the two): the single-process rate (the
+  target's denominator as written) and the rate of N processes at once (the same layout as the worker's pool, so
+  `vs_bare_pool` is the pipeline's own overhead), and the single-process whole path (decode + preprocess + infer
+  + render);
 * a batch of `--batch` slices from submit to its last `finished_at`, and the worker-side span (first start to
   last finish), both from the job table's timestamps (the client polls only once a second, to leave the CPU to
   the worker);
@@ -277,13 +280,17 @@ def summarize(lat, errors, wall, **extra):
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
-def bare_inference(json_path: Path) -> dict:
-    """`covidseg bench --backends int8` (model only and whole path, batch 8), in a subprocess at our nice level."""
+def bare_inference(json_path: Path, processes: int) -> dict:
+    """`covidseg bench --backends int8 --processes N` (model only and whole path, batch 8; and N processes at
+    once), in a subprocess at our nice level."""
     subprocess.run([sys.executable, "-m", "shared.cli", "bench", "--backends", "int8", "--no-seed",
-                    "--repeats", "3", "--json", str(json_path)], cwd=REPO, check=True,
-                   env=localstack.service_env({}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    b = json.loads(json_path.read_text())["backends"]["int8"]
-    return {"backend": b["effective_backend"],
+                    "--repeats", "3", "--processes", str(processes), "--json", str(json_path)], cwd=REPO,
+                   check=True, env=localstack.service_env({}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = json.loads(json_path.read_text())
+    b = res["backends"]["int8"]
+    par = res.get("parallel") or {"throughput_batch8_slices_per_s": b["throughput_batch8_slices_per_s"]}
+    return {"backend": b["effective_backend"], "processes": processes,
+            "pool_slices_per_second_b8": round(par["throughput_batch8_slices_per_s"], 2),
             "model_slices_per_second_b8": round(b["throughput_batch8_slices_per_s"], 2),
             "model_s_per_slice_b8": round(b["per_slice_batch8_s"], 4),
             "model_cpu_s_per_slice_b8": round(b["cpu_s_per_slice_batch8"], 4),
@@ -330,9 +337,11 @@ def end_to_end(url, token, engine, n_batch, n_burst, n_single, roots, worker_log
     blobs = [(p.name, p.read_bytes()) for p in paths]
     out = {}
 
-    # warm-up: the worker's first task pays one-off costs (first ORT run, connections)
-    jid = s.post(url + "/api/v1/jobs", headers=h, files={"file": blobs[0]}, timeout=60).json()["jobs"][0]["id"]
-    _wait_done(s, url, h, [jid])
+    # warm-up: each pool process's first task pays one-off costs (first ORT run, connections); a 32-slice batch
+    # is 4 messages, so every process of a pool of up to 4 gets one
+    r = s.post(url + "/api/v1/jobs", headers=h, files=[("file", blobs[i % len(blobs)]) for i in range(32)],
+               timeout=120)
+    _wait_done(s, url, h, [j["id"] for j in r.json()["jobs"]], poll=0.5)
 
     files = [("file", blobs[i % len(blobs)]) for i in range(n_batch)]
     cpu0 = tree_cpu(roots)
@@ -432,7 +441,9 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="open-loop duration per rate (s)")
     ap.add_argument("--api-workers", type=int, default=None, help="gunicorn workers (default: the setting)")
     ap.add_argument("--api-threads", type=int, default=None, help="threads per worker (default: the setting)")
-    ap.add_argument("--batch", type=int, default=48, help="slices in the end-to-end batch")
+    ap.add_argument("--batch", type=int, default=96, help="slices in the end-to-end batch")
+    ap.add_argument("--worker-concurrency", type=int, default=None,
+                    help="the end-to-end worker's pool size (default: the setting, 2)")
     ap.add_argument("--burst", type=int, default=16, help="single-slice jobs submitted at once")
     ap.add_argument("--singles", type=int, default=5)
     ap.add_argument("--skip-e2e", action="store_true")
@@ -510,10 +521,13 @@ def main(argv=None) -> int:
             engine = db.make_engine(url)
             with engine.begin() as conn:
                 conn.execute(update(db.Job).where(db.Job.status.in_(db.ACTIVE)).values(status=db.CANCELLED))
-            results["bare_inference"] = bare_inference(base / "bare.json")
+            pool_size = args.worker_concurrency or defaults.worker_concurrency
+            results["config"]["worker_concurrency"] = pool_size
+            results["bare_inference"] = bare_inference(base / "bare.json", pool_size)
             print(f"bare inference: {results['bare_inference']}", flush=True)
             worker_log = base / "worker.log"
-            worker = localstack.start_worker(dict(env, COVIDSEG_LOG_LEVEL="INFO"), worker_log)
+            worker = localstack.start_worker(dict(env, COVIDSEG_LOG_LEVEL="INFO"), worker_log,
+                                             concurrency=pool_size)
             deadline = time.monotonic() + 300
             while not localstack.worker_ready(worker_log) and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -523,16 +537,19 @@ def main(argv=None) -> int:
             worker = None
             # the reference again, right after: on a shared machine the load drifts within minutes, so the
             # ratio below uses the mean of the two and both are kept
-            after = bare_inference(base / "bare_after.json")
+            after = bare_inference(base / "bare_after.json", pool_size)
             results["bare_inference_after"] = after
             print(f"bare inference after: {after}", flush=True)
             bare = (results["bare_inference"]["model_slices_per_second_b8"] + after["model_slices_per_second_b8"]) / 2
             results["bare_model_slices_per_second_mean"] = round(bare, 2)
-            e2e["batch"]["vs_bare_model"] = round(e2e["batch"]["slices_per_second"] / bare, 3)
+            pool = (results["bare_inference"]["pool_slices_per_second_b8"] + after["pool_slices_per_second_b8"]) / 2
+            results["bare_pool_slices_per_second_mean"] = round(pool, 2)
+            for what in ("batch", "burst"):
+                if what in e2e:
+                    e2e[what]["vs_bare_model"] = round(e2e[what]["slices_per_second"] / bare, 3)
+                    e2e[what]["vs_bare_pool"] = round(e2e[what]["slices_per_second"] / pool, 3)
             if e2e["batch"]["worker_slices_per_second"]:
                 e2e["batch"]["worker_vs_bare_model"] = round(e2e["batch"]["worker_slices_per_second"] / bare, 3)
-            if "burst" in e2e:
-                e2e["burst"]["vs_bare_model"] = round(e2e["burst"]["slices_per_second"] / bare, 3)
             results["end_to_end"] = e2e
             print(f"end to end: {e2e}", flush=True)
         results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -571,19 +588,23 @@ def print_tables(results):
     if e:
         b, bare = e["batch"], results["bare_inference"]
         after = results.get("bare_inference_after") or bare
+        n = results["config"].get("worker_concurrency", 1)
         print(f"\nbare inference (covidseg bench, int8, batch 8), before / after the end-to-end runs: "
               f"{bare['model_slices_per_second_b8']} / {after['model_slices_per_second_b8']} slices/s, mean "
               f"{results.get('bare_model_slices_per_second_mean')} (whole path {bare['whole_path_slices_per_second_b8']}"
-              f" / {after['whole_path_slices_per_second_b8']} slices/s)")
-        print(f"end to end, one worker: {b['slices']}-slice batch in {b['seconds']} s = {b['slices_per_second']} "
-              f"slices/s ({b['vs_bare_model']:.0%} of bare); worker span {b['worker_span_s']} s = "
+              f" / {after['whole_path_slices_per_second_b8']} slices/s); {n} processes at once (the worker's pool "
+              f"layout): {bare.get('pool_slices_per_second_b8')} / {after.get('pool_slices_per_second_b8')}, mean "
+              f"{results.get('bare_pool_slices_per_second_mean')} slices/s")
+        print(f"end to end, one worker ({n} processes): {b['slices']}-slice batch in {b['seconds']} s = "
+              f"{b['slices_per_second']} slices/s = {b['vs_bare_model']:.0%} of bare (1 process), "
+              f"{b.get('vs_bare_pool', 0):.0%} of bare ({n} processes); worker span {b['worker_span_s']} s = "
               f"{b['worker_slices_per_second']} slices/s")
         print(f"CPU s per slice during the batch: {b['cpu_s_per_slice']} (bare: model "
               f"{bare['model_cpu_s_per_slice_b8']}, whole path {bare['whole_path_cpu_s_per_slice_b8']})")
         if "burst" in e:
             u = e["burst"]
             print(f"burst of {u['slices']} single-slice jobs: {u['seconds']} s = {u['slices_per_second']} slices/s "
-                  f"({u['vs_bare_model']:.0%} of bare)")
+                  f"({u['vs_bare_model']:.0%} of bare, {u.get('vs_bare_pool', 0):.0%} of bare x {n})")
         print(f"single job submit -> succeeded: p50 {e['single']['latency_p50_s']} s, max "
               f"{e['single']['latency_max_s']} s")
         for what in ("batch", "burst"):

@@ -16,7 +16,7 @@ Every service binds 127.0.0.1 on free ports and keeps its data under one directo
 * Workers (`start_workers`): one per queue, so interactive work never waits behind bulk work: an interactive
   worker (`-Q covidseg.interactive`: single slices, /predict, the web page) and a bulk worker (`-Q covidseg.bulk`:
   batches and whole studies) started under `nice` (BULK_NICE more), so the kernel gives the interactive worker
-  the CPU whenever both are busy. Both run with concurrency 1.
+  the CPU whenever both are busy. Each has a pool of COVIDSEG_WORKER_CONCURRENCY processes (default 2).
 """
 from __future__ import annotations
 
@@ -304,13 +304,15 @@ def create_token(settings_env: dict, name: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def start_worker(settings_env: dict, log_path: Path, name: str = "w1", nice: int = 0, concurrency: int = 1,
+def start_worker(settings_env: dict, log_path: Path, name: str = "w1", nice: int = 0, concurrency: int | None = None,
                  queues: str | None = None) -> subprocess.Popen:
+    """One Celery worker; its pool size is `concurrency`, else COVIDSEG_WORKER_CONCURRENCY (default 2)."""
     queues = queues or ",".join([settings_env.get("COVIDSEG_QUEUE_INTERACTIVE", "covidseg.interactive"),
                                  settings_env.get("COVIDSEG_QUEUE_BULK", "covidseg.bulk")])
     cmd = [sys.executable, "-m", "celery", "-A", "shared.celery_app", "worker", "-Q", queues, "--pool", "prefork",
-           "--concurrency", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-           "--loglevel", "INFO"]
+           "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+    if concurrency is not None:
+        cmd += ["--concurrency", str(concurrency)]
     if nice:
         cmd = ["nice", "-n", str(nice)] + cmd
     log = open(log_path, "ab")
@@ -327,7 +329,7 @@ BULK_NICE = 10
 def start_workers(settings_env: dict, log_dir: Path, name: str = "w", nice: int = 0,
                   bulk_log_name: str = "worker-bulk.log",
                   interactive_log_name: str = "worker.log") -> tuple[subprocess.Popen, subprocess.Popen]:
-    """(interactive worker, bulk worker): one Celery worker per queue, concurrency 1 each; the bulk worker runs
+    """(interactive worker, bulk worker): one Celery worker per queue (pool size from the settings); the bulk worker runs
     BULK_NICE nicer, so a night of studies never slows down an interactive request."""
     interactive = start_worker(settings_env, Path(log_dir) / interactive_log_name, name=f"{name}-interactive",
                                nice=nice, queues=settings_env.get("COVIDSEG_QUEUE_INTERACTIVE",

@@ -43,6 +43,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        worker_concurrency=s.worker_concurrency,   # a --concurrency flag overrides it
         task_soft_time_limit=s.task_soft_time_limit,
         task_time_limit=s.task_time_limit,
         task_default_queue=s.queue_interactive,

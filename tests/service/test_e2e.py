@@ -88,6 +88,15 @@ def test_batch_of_20_reaches_100_percent(stack, slice_paths):
     for j in listed[:3]:
         assert _png_size(requests.get(j["results"]["overlay"]["url"], timeout=30).content) == \
             (j["input"]["width"], j["input"]["height"])
+    # 20 slices travel in 3 messages; the bulk worker's pool (COVIDSEG_WORKER_CONCURRENCY = 2 processes, each
+    # with its own model) runs two of them at once, so the jobs name two different processes
+    from sqlalchemy import select
+
+    from shared import db
+    with stack.Session() as session:
+        workers = set(session.execute(select(db.Job.worker).where(db.Job.batch_id == body["batch_id"])).scalars())
+    assert stack.settings.worker_concurrency == 2
+    assert len(workers) == 2 and all(w.startswith(f"test-{stack.backend}-bulk@") for w in workers), workers
 
 
 def _tiff_bytes(path) -> bytes:
