@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_token, services
 from api.errors import ApiError, error_response
-from api.params import created_range_and_page, encode_cursor
+from api.params import created_range_and_page, filter_status, page_of
 from api.publish import Publisher
 from api.uploads import FAST_MULTIPART_MAX_BYTES, check_upload, parse_multipart
 from shared import db
@@ -313,24 +313,15 @@ def result_response(job: db.Job, kind: str) -> Response:
 @bp_v1.get("/jobs")
 def list_jobs():
     args = request.args
-    q = select(db.Job).where(db.Job.token_id == g.token_id)
-    statuses = [x for x in (args.get("status") or "").split(",") if x]
-    bad = [x for x in statuses if x not in db.STATUSES]
-    if bad:
-        raise ApiError(400, "invalid_status", f"unknown status {bad[0]!r}; use {', '.join(db.STATUSES)}")
-    if statuses:
-        q = q.where(db.Job.status.in_(statuses))
+    q = filter_status(select(db.Job).where(db.Job.token_id == g.token_id), db.Job, args)
     if "batch_id" in args:
         if not _ID.match(args["batch_id"]):
             raise ApiError(400, "invalid_batch_id", "batch_id must be a batch id")
         q = q.where(db.Job.batch_id == args["batch_id"])
     q, limit = created_range_and_page(q, db.Job, args, default_limit=50)
     with services().Session() as session:
-        rows = session.execute(q).scalars().all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return jsonify(jobs=[job_json(j) for j in rows],
-                   next_cursor=encode_cursor(rows[-1].seq) if more and rows else None)
+        rows, next_cursor = page_of(session.execute(q).scalars().all(), limit)
+    return jsonify(jobs=[job_json(j) for j in rows], next_cursor=next_cursor)
 
 
 @bp_v1.get("/batches/<batch_id>")
