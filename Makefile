@@ -42,13 +42,13 @@ test-web: setup
 bench: setup
 	$(PY) -m shared.cli bench --json artifacts/bench.json
 	$(MAKE) --no-print-directory bench-service
-	nice -n 5 $(PY) scripts/bench_studies.py --json artifacts/bench_studies.json
+	$(PY) scripts/bench_studies.py --json artifacts/bench_studies.json
 
-## bench-service: submit latency p50/p99 at 1/10/50 clients + open loop, end-to-end slices/s (one worker)
+## bench-service: submit latency p50/p99 at 1/10/50 clients + open loop, end-to-end slices/s (one worker, its pool of COVIDSEG_WORKER_CONCURRENCY processes)
 bench-service: setup
-	nice -n 5 $(PY) scripts/bench_service.py --json artifacts/bench_service.json
+	$(PY) scripts/bench_service.py --json artifacts/bench_service.json
 
-## run: local stack without Docker (redis, SeaweedFS S3, SQLite, one worker, the API); prints URL and a token
+## run: local stack without Docker (redis, SeaweedFS S3, SQLite, an interactive and a bulk worker, the API); prints URL and a token
 run: setup
 	$(PY) scripts/localstack.py run
 
