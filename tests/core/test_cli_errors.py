@@ -73,6 +73,7 @@ CASES = {
     "convert: image instead of volume": lambda d: ["convert", SLICE, "--out", d / "c"],
     "convert: --every 0": lambda d: ["convert", d / "notvol.nii.gz", "--out", d / "c", "--every", "0"],
     "bench: unknown backend list": lambda d: ["bench", "--backends", "fp32,tpu"],
+    "bench: --processes 0": lambda d: ["bench", "--processes", "0"],
     "unknown command": lambda d: ["segment-everything"],
     "train: missing data folder": lambda d: ["train", "--covid-root", d / "nope", "--run-dir", d / "run"],
 }
@@ -110,6 +111,7 @@ MESSAGES = {
     "unreadable prediction": "y.png: not an image",
     "empty file": "empty file",
     "missing file": "no such file",
+    "bench: --processes 0": "--processes must be between 1 and 64",
 }
 
 
