@@ -102,6 +102,8 @@ class Job(Base):
     progress: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    previous_error: Mapped[str | None] = mapped_column(Text)   # why the run before the last retry ended
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -200,7 +202,7 @@ def create_token(session, name: str) -> tuple[ApiToken, str]:
 # --- job state transitions (conditional updates: a finished job never moves backwards) -------------------------
 from datetime import timedelta  # noqa: E402
 
-from sqlalchemy import and_, or_, select, update  # noqa: E402
+from sqlalchemy import and_, func, or_, select, update  # noqa: E402
 
 
 # Generic transitions, shared by Job and Study (both have the same lifecycle columns: status, claim_token,
@@ -284,10 +286,14 @@ def _cancel(session, model, row_id: str) -> bool:
 
 
 def _retry(session, model, row_id: str, result_columns: tuple[str, ...]) -> bool:
-    """failed/cancelled -> queued with a fresh attempt budget; `result_columns` (model-specific outputs) cleared."""
+    """failed/cancelled -> queued with a fresh attempt budget; `result_columns` (model-specific outputs) cleared.
+
+    The history stays: `retries` counts the retries and `previous_error` keeps why the last run ended (its error,
+    or "cancelled"); UPDATE's right-hand sides read the row's values from before the statement."""
     now = utcnow()
     res = session.execute(update(model).where(model.id == row_id, model.status.in_((FAILED, CANCELLED)))
                           .values(status=QUEUED, attempts=0, error=None, progress=0, finished_at=None,
+                                  retries=model.retries + 1, previous_error=func.coalesce(model.error, model.status),
                                   started_at=None, heartbeat_at=None, claim_token=None, dispatched_at=None,
                                   updated_at=now, **{c: None for c in result_columns}))
     session.commit()
@@ -402,6 +408,8 @@ class Study(Base):
     n_slices: Mapped[int] = mapped_column(Integer, nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    previous_error: Mapped[str | None] = mapped_column(Text)   # why the run before the last retry ended
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     upload_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)  # SHA-256 over the uploaded files
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)

@@ -131,6 +131,7 @@ def admin_job_json(job: db.Job, token_name: str | None, full: bool = False) -> d
         "id": job.id, "status": job.status, "batch_id": job.batch_id, "queue": job.queue,
         "name": job.original_name, "progress": job.progress, "attempts": job.attempts, "worker": job.worker,
         "error": job.error if full else (job.error[:300] if job.error else None),
+        "retries": job.retries or 0, "previous_error": job.previous_error if full else None,
         "infected_fraction": job.infected_fraction, "token": token_name,
         "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),

@@ -81,6 +81,8 @@ def test_filter_failed_retry_and_job_page(page, web_stack, failed_job, worker):
     assert steps[0] == "Queued" and steps[1] == f"Retried by {ADMIN_USER}" and steps[-1] == "Finished: succeeded"
     details = page.text_content("#details")
     assert "test-browser@" in details and "covid_0340.png" in details
+    assert "Attempts since the last retry" in details and "1 · the run before ended: " in details, details
+    assert "NoSuchKey" in details.split("the run before ended: ", 1)[1], details   # the error before the retry
     assert page.text_content("#job-error").strip() == "–"
     page.wait_for_selector("#result-panel:not([hidden])")
     page.wait_for_function("() => document.getElementById('job-overlay').naturalWidth > 0")

@@ -54,7 +54,7 @@ def test_alembic_schema_matches_models_and_downgrades(engine):
     from sqlalchemy import MetaData
 
     ours = MetaData()
-    for name in ("api_tokens", "batches", "jobs", "idempotency_keys"):
+    for name in ("api_tokens", "batches", "jobs", "idempotency_keys", "studies"):
         db.Base.metadata.tables[name].to_metadata(ours)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
@@ -78,7 +78,7 @@ def _other_table(d) -> bool:
     obj = d[1] if len(d) > 1 else None
     name = getattr(obj, "name", "") or ""
     table = getattr(getattr(obj, "table", None), "name", name)
-    return table not in ("api_tokens", "batches", "jobs", "idempotency_keys")
+    return table not in ("api_tokens", "batches", "jobs", "idempotency_keys", "studies")
 
 
 def test_tokens_are_stored_hashed(Session):
@@ -144,12 +144,17 @@ def test_cancel_and_retry_transitions(Session, token_id):
         assert not db.cancel_job(s, jid)
         assert db.claim_jobs(s, [jid], "l", "w", 60) == []   # a cancelled job's message is a no-op
         assert db.retry_job(s, jid)
+        job = s.execute(select(db.Job).where(db.Job.id == jid)).scalar_one()
+        s.refresh(job)
+        assert (job.retries, job.previous_error) == (1, "cancelled")
         assert [j.id for j in db.claim_jobs(s, [jid], "l", "w", 60)] == [jid]
         assert db.finish_failure(s, jid, "l", "boom")
         assert db.retry_job(s, jid)
         job = s.execute(select(db.Job).where(db.Job.id == jid)).scalar_one()
         s.refresh(job)
         assert (job.status, job.attempts, job.error) == ("queued", 0, None)
+        # the history survives the retries: two retries, the last run ended with "boom"
+        assert (job.retries, job.previous_error) == (2, "boom")
 
 
 def test_concurrent_claims_have_one_winner(Session, token_id):

@@ -69,6 +69,7 @@ def test_kill_9_worker_mid_job_lost_messages_cancel_and_retry(stack, slice_paths
     assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "succeeded")
     job = stack.wait_job(cancel_id)
     assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert (job["retries"], job["previous_error"], job["error"]) == (1, "cancelled", None)
     assert stack.post(f"/api/v1/jobs/{cancel_id}/cancel").status_code == 409      # finished: no cancel
 
 

@@ -445,6 +445,8 @@ def test_kill_9_cancel_retry_failure_and_broker_down(stack):
     for sid in (cancel_id, fail_id):
         done = _wait_study(stack, sid)
         assert done["status"] == "succeeded" and done["attempts"] == 1 and done["error"] is None, done
+        assert done["retries"] == 1 and done["previous_error"], done     # why the run before the retry ended
+    assert _wait_study(stack, cancel_id)["previous_error"] == "cancelled"
     listed = stack.get("/api/v1/studies?status=succeeded&limit=200").json()["studies"]
     assert {cancel_id, fail_id, down_id} <= {st["id"] for st in listed}
 

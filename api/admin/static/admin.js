@@ -279,7 +279,8 @@
       tl.replaceChildren(...items);
       const dl = $("#details");
       const kv = [["File", j.input.name || "–"], ["Format", j.input.format + ", " + j.input.width + "×" + j.input.height + " px, " + j.input.size + " bytes"],
-        [(j.admin_actions || []).some((a) => a.action === "retry") ? "Attempts since the last retry" : "Attempts", String(j.attempts)], ["Worker", j.worker || "–"], ["Queue", j.queue], ["Batch", j.batch_id || "–"],
+        [j.retries || (j.admin_actions || []).some((a) => a.action === "retry") ? "Attempts since the last retry" : "Attempts", String(j.attempts)],
+        ["Retries", j.retries ? j.retries + (j.previous_error ? " · the run before ended: " + j.previous_error.slice(0, 240) : "") : "none"], ["Worker", j.worker || "–"], ["Queue", j.queue], ["Batch", j.batch_id || "–"],
         ["Token", j.token || "–"], ["Infected fraction", j.infected_fraction === null ? "–" : (j.infected_fraction * 100).toFixed(2) + " %"],
         ["Updated", fmtTime(j.updated_at)], ["Input SHA-256", j.input.sha256]];
       dl.replaceChildren(...kv.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { class: k === "Input SHA-256" || k === "Batch" ? "mono" : "" }, v)]));
