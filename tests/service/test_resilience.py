@@ -73,6 +73,33 @@ def test_kill_9_worker_mid_job_lost_messages_cancel_and_retry(stack, slice_paths
     assert stack.post(f"/api/v1/jobs/{cancel_id}/cancel").status_code == 409      # finished: no cancel
 
 
+def test_kill_9_of_one_pool_process_the_worker_carries_on(stack, slice_paths):
+    """The OOM killer's choice: SIGKILL to the one pool process (of COVIDSEG_WORKER_CONCURRENCY = 2) that runs a
+    batch. The worker's main process survives and replaces it; the batch still succeeds, with one result set."""
+    import os
+    import signal
+
+    stack.ensure_worker()
+    r = stack.submit([slice_paths[i % len(slice_paths)] for i in range(8)])   # one message on the bulk queue
+    assert r.status_code == 202
+    ids = [j["id"] for j in r.json()["jobs"]]
+    _wait_for(lambda: "running" in _statuses(stack, ids).values(), 120, "the batch running", stack)
+    with stack.Session() as s:
+        worker = s.execute(select(db.Job.worker).where(db.Job.id.in_(ids), db.Job.status == db.RUNNING)).scalar()
+    pid = int(worker.rsplit(":", 1)[1])
+    assert pid != stack.bulk_worker.pid       # a pool child, not the worker's main process
+    os.kill(pid, signal.SIGKILL)
+    for jid in ids:
+        job = stack.wait_job(jid, timeout=240)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] >= 2, job     # the killed claim counts
+        assert _result_keys(stack, jid) == [f"results/{jid}/{k}.png" for k in ("mask", "overlay", "probability")]
+    assert stack.bulk_worker.poll() is None, stack.tail_logs()   # the worker itself never went down
+    with stack.Session() as s:
+        workers = set(s.execute(select(db.Job.worker).where(db.Job.id.in_(ids))).scalars())
+    assert worker not in workers, workers     # finished by another (or the replacement) pool process
+
+
 def test_redis_and_s3_restart_between_submissions(stack, slice_paths):
     stack.ensure_worker()
     first = stack.submit([slice_paths[1]]).json()["jobs"][0]["id"]
