@@ -5,6 +5,22 @@ from shared.db import STATUSES
 from shared.storage import RESULT_KINDS
 
 
+#: Fields of a job's and a study's run history (both tables share the state machine in shared/db.py).
+_RUN_HISTORY = {
+    "attempts": {"type": "integer", "description": "claims by a worker since the last retry"},
+    "error": {"type": ["string", "null"]},
+    "retries": {"type": "integer", "description": "times POST .../retry re-queued it"},
+    "previous_error": {"type": ["string", "null"],
+                       "description": "how the run before the last retry ended (its error, or 'cancelled')"},
+}
+_TIMESTAMPS = {
+    "created_at": {"type": "string", "format": "date-time"},
+    "updated_at": {"type": "string", "format": "date-time"},
+    "started_at": {"type": ["string", "null"], "format": "date-time"},
+    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+}
+
+
 def _err(desc):
     return {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
@@ -68,17 +84,9 @@ def spec() -> dict:
                     "id": {"type": "string"}, "status": {"enum": list(STATUSES)},
                     "batch_id": {"type": ["string", "null"]}, "position": {"type": "integer"},
                     "queue": {"type": "string"}, "progress": {"type": "integer", "minimum": 0, "maximum": 100},
-                    "attempts": {"type": "integer", "description": "claims by a worker since the last retry"},
-                    "error": {"type": ["string", "null"]},
-                    "retries": {"type": "integer", "description": "times POST .../retry re-queued it"},
-                    "previous_error": {"type": ["string", "null"],
-                                       "description": "how the run before the last retry ended (its error, or "
-                                                      "'cancelled')"},
+                    **_RUN_HISTORY,
                     "infected_fraction": {"type": ["number", "null"]},
-                    "created_at": {"type": "string", "format": "date-time"},
-                    "updated_at": {"type": "string", "format": "date-time"},
-                    "started_at": {"type": ["string", "null"], "format": "date-time"},
-                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                    **_TIMESTAMPS,
                     "input": {"type": "object"},
                     "results": {"type": ["object", "null"], "description": "when succeeded: "
                                 + ", ".join(RESULT_KINDS) + " -> {url, sha256, content_type}; url is a "
@@ -93,16 +101,8 @@ def spec() -> dict:
                     "progress": {"type": "number", "minimum": 0, "maximum": 100},
                     "n_slices": {"type": "integer"}, "format": {"enum": ["dicom", "nifti"]},
                     "deidentified": {"type": "boolean"}, "queue": {"type": "string"},
-                    "attempts": {"type": "integer", "description": "claims by a worker since the last retry"},
-                    "error": {"type": ["string", "null"]},
-                    "retries": {"type": "integer", "description": "times POST .../retry re-queued it"},
-                    "previous_error": {"type": ["string", "null"],
-                                       "description": "how the run before the last retry ended (its error, or "
-                                                      "'cancelled')"},
-                    "created_at": {"type": "string", "format": "date-time"},
-                    "updated_at": {"type": "string", "format": "date-time"},
-                    "started_at": {"type": ["string", "null"], "format": "date-time"},
-                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                    **_RUN_HISTORY,
+                    **_TIMESTAMPS,
                     "metadata": {"type": "object", "description": "non-identifying: modality, shape, spacing, "
                                                                   "orientation, series count, hashed series UID"},
                     "report": {"type": ["object", "null"], "description": "report.json when succeeded: "
