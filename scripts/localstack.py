@@ -329,8 +329,8 @@ BULK_NICE = 10
 def start_workers(settings_env: dict, log_dir: Path, name: str = "w", nice: int = 0,
                   bulk_log_name: str = "worker-bulk.log",
                   interactive_log_name: str = "worker.log") -> tuple[subprocess.Popen, subprocess.Popen]:
-    """(interactive worker, bulk worker): one Celery worker per queue (pool size from the settings); the bulk worker runs
-    BULK_NICE nicer, so a night of studies never slows down an interactive request."""
+    """(interactive worker, bulk worker): one Celery worker per queue (pool size from the settings); the bulk
+    worker runs BULK_NICE nicer, so a night of studies never slows down an interactive request."""
     interactive = start_worker(settings_env, Path(log_dir) / interactive_log_name, name=f"{name}-interactive",
                                nice=nice, queues=settings_env.get("COVIDSEG_QUEUE_INTERACTIVE",
                                                                   "covidseg.interactive"))

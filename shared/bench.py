@@ -224,8 +224,6 @@ def run(args) -> int:
         result["ratio_vs_seed_cpu"] = cmed[("seed", "path1")] / cmed[(a, "path8")]
     result["ours_whole_path_per_slice_batch8_s"] = ours["whole_path_per_slice_batch8_s"]
     result["ours_per_slice_batch8_s"] = result["backends"].get(auto.backend, {}).get("per_slice_batch8_s")
-    if pool is not None:
-        result["ours_per_slice_batch8_parallel_s"] = result["parallel"]["per_slice_batch8_s"]
     result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     _print_table(result)
     if args.json:

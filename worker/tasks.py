@@ -1,8 +1,8 @@
 """Celery tasks: a thin shell around shared.inference.Segmenter (loaded once per worker process).
 
 Start: `celery -A shared.celery_app worker -Q covidseg.interactive,covidseg.bulk` (pool size:
-COVIDSEG_WORKER_CONCURRENCY; see scripts/localstack.py and docker-compose.yml). The main worker process never imports TensorFlow; each pool
-child loads the model once (`worker_process_init`), on the GPU when TensorFlow sees one, else on the CPU.
+COVIDSEG_WORKER_CONCURRENCY; see scripts/localstack.py and docker-compose.yml). The main worker process never
+imports TensorFlow; each pool child loads the model once (`worker_process_init`), on the GPU when TensorFlow sees one, else on the CPU.
 
 `process_jobs(job_ids)` is idempotent: it claims each job with a conditional UPDATE (queued, or running with a
 stale heartbeat), writes results under fixed keys (results/<job_id>/...), and finishes only while it still holds
