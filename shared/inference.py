@@ -48,7 +48,7 @@ BACKENDS = ("auto", "fp32", "bf16", "int8")
 #: "auto" keeps int8 only when its calibration-set Dice is within this of fp32's.
 AUTO_MAX_DICE_DROP = 0.01
 #: Bump when the conversion recipe changes (invalidates cached .onnx files).
-ONNX_RECIPE = 4
+ONNX_RECIPE = 5
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
@@ -244,9 +244,13 @@ def onnx_cache_paths(digest: str, mode: str, root: Path | None = None) -> dict[s
 
 
 def export_onnx(keras_model, out_path: Path, input_size: int = INPUT_SIZE) -> Path:
-    """Keras model -> ONNX (opset 17, dynamic batch, fixed input_size^2 x 1), written atomically."""
+    """Keras model -> ONNX (opset 17, dynamic batch, fixed input_size^2 x 1) with the exact graph rewrites of
+    `shared.onnx_graph` applied, written atomically."""
+    import onnx
     import tensorflow as tf
     import tf2onnx
+
+    from shared import onnx_graph
 
     spec = (tf.TensorSpec((None, input_size, input_size, 1), tf.float32, name="input"),)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,39 +258,12 @@ def export_onnx(keras_model, out_path: Path, input_size: int = INPUT_SIZE) -> Pa
     with _quiet_stdout(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=17, output_path=str(tmp))
-    _patch_nearest_resize(tmp)
+    model = onnx.load(str(tmp))
+    onnx_graph.optimize_for_int8(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp))
     os.replace(tmp, out_path)
     return out_path
-
-
-def _patch_nearest_resize(path: Path) -> None:
-    """tf2onnx writes Keras' nearest UpSampling2D as Resize(coordinate_transformation_mode=tf_half_pixel_for_nn),
-    deprecated since opset 13 and a slow path in onnxruntime. For integer scales it equals "asymmetric" +
-    floor exactly (floor((x + 0.5) / s) == floor(x / s) for integer s), so rewrite it to that."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    changed = False
-    for node in model.graph.node:
-        if node.op_type != "Resize" or len(node.input) < 3 or node.input[2] not in inits:
-            continue
-        attrs = {a.name: a for a in node.attribute}
-        mode = attrs.get("mode")
-        ctm = attrs.get("coordinate_transformation_mode")
-        scales = numpy_helper.to_array(inits[node.input[2]])
-        if (mode is None or mode.s != b"nearest" or ctm is None or ctm.s != b"tf_half_pixel_for_nn"
-                or not np.all(scales == np.round(scales))):
-            continue
-        ctm.s = b"asymmetric"
-        if "nearest_mode" in attrs:
-            attrs["nearest_mode"].s = b"floor"
-        else:
-            node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
-        changed = True
-    if changed:
-        onnx.save(model, str(path))
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: np.ndarray) -> Path:

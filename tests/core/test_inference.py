@@ -158,21 +158,37 @@ def test_trained_weights_int8_dice_within_001_of_fp32(fixture_pairs):
 
 
 def test_onnx_export_matches_keras_with_upsampling(tmp_path):
-    """The exported graph (with the nearest-Resize rewrite) computes what Keras computes."""
+    """The exported graph, with all of `shared.onnx_graph`'s rewrites applied (U-Net-like: a skip concat after an
+    upsampling, an upsampling straight into a 3x3 conv + ReLU, a BatchNormalization that cannot fold into a conv),
+    computes what Keras computes, borders included."""
+    import collections
+
     import onnx
     import onnxruntime as ort
     import tensorflow as tf
 
     keras = tf.keras
-    inp = keras.Input((448, 448, 1))
+    tf.keras.utils.set_random_seed(0)
+    inp = keras.Input((64, 64, 1))
     d = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
-    u = keras.layers.UpSampling2D(2)(keras.layers.MaxPooling2D(2)(d))
-    out = keras.layers.Conv2D(1, 1, activation="sigmoid")(keras.layers.Concatenate()([d, u]))
+    bn = keras.layers.BatchNormalization()
+    d = bn(d)  # after a ReLU: tf2onnx cannot fold it into the conv
+    p = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(keras.layers.MaxPooling2D(2)(d))
+    u = keras.layers.UpSampling2D(2)(keras.layers.MaxPooling2D(2)(p))
+    s = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(keras.layers.Concatenate()([u, p]))
+    s = keras.layers.Conv2D(5, 3, padding="same")(keras.layers.UpSampling2D(2)(s))
+    s = keras.layers.ReLU()(s)
+    out = keras.layers.Conv2D(1, 1, activation="sigmoid")(keras.layers.Concatenate()([s, d]))
     m = keras.Model(inp, out)
-    path = inference.export_onnx(m, tmp_path / "m.onnx")
-    modes = [a.s for n in onnx.load(str(path)).graph.node if n.op_type == "Resize" for a in n.attribute
-             if a.name == "coordinate_transformation_mode"]
-    assert modes == [b"asymmetric"]
-    x = np.random.default_rng(0).random((2, 448, 448, 1), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    bn.set_weights([rng.uniform(0.5, 2, 4), rng.normal(0, 1, 4), rng.normal(0, 1, 4), rng.uniform(0.5, 2, 4)])
+    path = inference.export_onnx(m, tmp_path / "m.onnx", input_size=64)
+    nodes = onnx.load(str(path)).graph.node
+    ops = collections.Counter(n.op_type for n in nodes)
+    assert ops["Resize"] == 0 and ops["BatchNormalization"] == 0
+    rewritten = sorted(f"{n.op_type}{suffix}" for n in nodes for suffix in ("_subpixel_conv", "_x2_w2", "_depthwise")
+                       if n.name.endswith(suffix))
+    assert rewritten == ["Concat_x2_w2", "Conv_depthwise", "Conv_subpixel_conv"]
+    x = rng.random((2, 64, 64, 1), dtype=np.float32)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    assert np.allclose(got, m.predict(x, verbose=0), atol=1e-5)
+    assert np.abs(got - m.predict(x, verbose=0)).max() < 1e-5
