@@ -112,6 +112,8 @@ def main(argv=None) -> int:
                          "INTER_CUBIC up) -> per-image min-max -> uint8 -> CLAHE(clip 4, 8x8) -> /255",
         "training": {
             "epochs_completed": state["epoch"], "published_epoch": meta.get("epoch"),
+            **({"averaged_epochs": meta["averaged_epochs"], "batchnorm_after_averaging": meta.get("batchnorm")}
+               if meta.get("averaged_epochs") else {}),
             "wall_time_hours": round(state["train_seconds"] / 3600, 2),
             "hardware": "2 CPU cores (Intel Xeon, AVX-512, no GPU)",
             "hyperparameters": {k: v for k, v in state["args"].items()
