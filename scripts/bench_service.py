@@ -455,32 +455,19 @@ def main(argv=None) -> int:
     workers = args.api_workers or defaults.api_workers
     threads = args.api_threads or defaults.api_threads
     base = Path(tempfile.mkdtemp(prefix="covidseg-bench-"))
-    redis = localstack.RedisServer(base / "redis").start()
-    weed = localstack.SeaweedS3(base / "weed", "bench", "bench-secret-key").start()
-    pg = None
+    services = localstack.DataServices(base, args.db).start()
     api = worker = engine = None
     try:
-        if args.db == "postgresql":
-            pg = localstack.Postgres().start()
-            url = pg.create_database("bench")
-        else:
-            url = f"sqlite:///{base / 'bench.db'}"
-        env = {"COVIDSEG_DATABASE_URL": url, "COVIDSEG_BROKER_URL": redis.url,
-               "COVIDSEG_S3_ENDPOINT": weed.endpoint, "COVIDSEG_S3_ACCESS_KEY": "bench",
-               "COVIDSEG_S3_SECRET_KEY": "bench-secret-key", "COVIDSEG_S3_BUCKET": "bench",
-               "COVIDSEG_API_WORKERS": str(workers), "COVIDSEG_API_THREADS": str(threads),
-               "COVIDSEG_DB_POOL_SIZE": str(threads), "COVIDSEG_LOG_LEVEL": "WARNING"}
-        localstack.migrate(url)
-        localstack.ensure_bucket(env)
+        env = dict(services.env, COVIDSEG_API_WORKERS=str(workers), COVIDSEG_API_THREADS=str(threads),
+                   COVIDSEG_DB_POOL_SIZE=str(threads), COVIDSEG_LOG_LEVEL="WARNING")
+        url = services.url
         token = localstack.create_token(env, "bench")
         port = localstack.free_port()
         api = localstack.start_api(env, base / "api.log", port)
         api_url = f"http://127.0.0.1:{port}"
         addr = ("127.0.0.1", port)
         payload = SLICE.read_bytes()
-        roots = {"api": api.pid, "s3": weed.proc.pid, "redis": redis.pid()}
-        if pg:
-            roots["db"] = int((pg.data / "postmaster.pid").read_text().split()[0])
+        roots = {"api": api.pid, **services.pids()}
         results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                "nice": os.nice(0),
                                "loadavg_before": [round(x, 2) for x in os.getloadavg()],
@@ -517,7 +504,7 @@ def main(argv=None) -> int:
             from sqlalchemy import update
 
             from shared import db
-            redis_lib.Redis.from_url(redis.url).flushdb()
+            redis_lib.Redis.from_url(services.redis.url).flushdb()
             engine = db.make_engine(url)
             with engine.begin() as conn:
                 conn.execute(update(db.Job).where(db.Job.status.in_(db.ACTIVE)).values(status=db.CANCELLED))
@@ -558,10 +545,7 @@ def main(argv=None) -> int:
         localstack.stop_process(api)
         if engine is not None:
             engine.dispose()
-        weed.stop()
-        redis.stop()
-        if pg:
-            pg.destroy()
+        services.stop()
 
     print_tables(results)
     out = Path(args.json)

@@ -224,9 +224,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     base = Path(tempfile.mkdtemp(prefix="covidseg-bench-studies-"))
-    redis = localstack.RedisServer(base / "redis").start()
-    weed = localstack.SeaweedS3(base / "weed", "bench", "bench-secret-key").start()
-    pg = api_proc = w_int = w_bulk = None
+    services = api_proc = w_int = w_bulk = None
     ok = False
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "loadavg_before": [round(x, 2) for x in os.getloadavg()],
@@ -235,17 +233,8 @@ def main(argv=None) -> int:
                                                           "predict_n", "backend", "bulk_nice")},
                "study_end_to_end": None, "predict": None}
     try:
-        if args.db == "postgresql":
-            pg = localstack.Postgres().start()
-            url = pg.create_database("bench")
-        else:
-            url = f"sqlite:///{base / 'bench.db'}"
-        env = {"COVIDSEG_DATABASE_URL": url, "COVIDSEG_BROKER_URL": redis.url,
-               "COVIDSEG_S3_ENDPOINT": weed.endpoint, "COVIDSEG_S3_ACCESS_KEY": "bench",
-               "COVIDSEG_S3_SECRET_KEY": "bench-secret-key", "COVIDSEG_S3_BUCKET": "bench",
-               "COVIDSEG_LOG_LEVEL": "INFO", "COVIDSEG_INFERENCE_BACKEND": args.backend}
-        localstack.migrate(url)
-        localstack.ensure_bucket(env)
+        services = localstack.DataServices(base, args.db).start()
+        env = dict(services.env, COVIDSEG_LOG_LEVEL="INFO", COVIDSEG_INFERENCE_BACKEND=args.backend)
         token = localstack.create_token(env, "bench-studies")
         port = localstack.free_port()
         api_proc = localstack.start_api(env, base / "api.log", port)
@@ -318,10 +307,8 @@ def main(argv=None) -> int:
     finally:
         for p in (w_bulk, w_int, api_proc):
             localstack.stop_process(p)
-        weed.stop()
-        redis.stop()
-        if pg:
-            pg.destroy()
+        if services:
+            services.stop()
         if ok:      # hundreds of MB of series and stored objects; kept (with the logs) only after a failure
             shutil.rmtree(base, ignore_errors=True)
         else:

@@ -378,6 +378,56 @@ def ensure_bucket(settings_env: dict) -> None:
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
+class DataServices:
+    """Redis, SeaweedFS S3 and a database (SQLite file, or a throwaway PostgreSQL cluster) under `base`, migrated,
+    with the bucket made: the common back end of the benchmark scripts. `env` holds the settings that point at
+    them; `stop()` tears everything down (the files under `base` stay)."""
+
+    ACCESS_KEY, SECRET_KEY, BUCKET = "bench", "bench-secret-key", "bench"
+
+    def __init__(self, base: Path, db: str = "sqlite"):
+        if db not in ("sqlite", "postgresql"):
+            raise ValueError(f"db must be sqlite or postgresql, not {db!r}")
+        self.base, self.db = Path(base), db
+        self.redis = self.weed = self.pg = None
+        self.url, self.env = None, {}
+
+    def start(self) -> "DataServices":
+        try:
+            self.redis = RedisServer(self.base / "redis").start()
+            self.weed = SeaweedS3(self.base / "weed", self.ACCESS_KEY, self.SECRET_KEY).start()
+            if self.db == "postgresql":
+                self.pg = Postgres().start()
+                self.url = self.pg.create_database("bench")
+            else:
+                self.url = f"sqlite:///{self.base / 'bench.db'}"
+            self.env = {"COVIDSEG_DATABASE_URL": self.url, "COVIDSEG_BROKER_URL": self.redis.url,
+                        "COVIDSEG_S3_ENDPOINT": self.weed.endpoint, "COVIDSEG_S3_ACCESS_KEY": self.ACCESS_KEY,
+                        "COVIDSEG_S3_SECRET_KEY": self.SECRET_KEY, "COVIDSEG_S3_BUCKET": self.BUCKET}
+            migrate(self.url)
+            ensure_bucket(self.env)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def pids(self) -> dict[str, int]:
+        """Root process ids by role (for CPU accounting)."""
+        out = {"s3": self.weed.proc.pid, "redis": self.redis.pid()}
+        if self.pg:
+            out["db"] = int((self.pg.data / "postmaster.pid").read_text().split()[0])
+        return out
+
+    def stop(self) -> None:
+        if self.weed:
+            self.weed.stop()
+        if self.redis:
+            self.redis.stop()
+        if self.pg:
+            self.pg.destroy()
+        self.redis = self.weed = self.pg = None
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
