@@ -82,8 +82,9 @@ def save_weights(model, path, dtype: str = "float16", metadata: dict | None = No
     return path
 
 
-def load_weights(model, path) -> None:
-    """Load our compact format, or any Keras `save_weights`/`model.save` HDF5 file (e.g. the predecessor's)."""
+def read_weights(path) -> tuple[list[np.ndarray], dict] | None:
+    """(arrays in model order, metadata) of a file in our format (`save_weights`); None for any other HDF5 file.
+    Raises FileNotFoundError, or ValueError for a file that is not HDF5."""
     import h5py
 
     path = Path(path)
@@ -91,14 +92,19 @@ def load_weights(model, path) -> None:
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         with h5py.File(path, "r") as f:
-            ours = _FORMAT_ATTR in f.attrs
-            if ours:
-                keys = sorted(k for k in f.keys() if k.startswith("w"))
-                values = [f[k][()] for k in keys]
+            if _FORMAT_ATTR not in f.attrs:
+                return None
+            keys = sorted(k for k in f.keys() if k.startswith("w"))
+            return [f[k][()] for k in keys], json.loads(f.attrs.get("metadata", "{}"))
     except OSError as exc:
         raise ValueError(f"{path} is not an HDF5 weights file ({exc})") from None
-    if ours:
-        expected = model.get_weights()
+
+
+def load_weights(model, path) -> None:
+    """Load our compact format, or any Keras `save_weights`/`model.save` HDF5 file (e.g. the predecessor's)."""
+    ours = read_weights(path)
+    if ours is not None:
+        values, expected = ours[0], model.get_weights()
         if len(values) != len(expected):
             raise ValueError(f"{path} holds {len(values)} weights; this model has {len(expected)}")
         model.set_weights([v.astype(e.dtype) for v, e in zip(values, expected)])

@@ -27,22 +27,14 @@ import numpy as np
 from shared import model as model_lib  # sets SM_FRAMEWORK before TensorFlow loads
 
 
-def read_weights(path) -> tuple[list[np.ndarray], dict]:
-    """The weight arrays (float32) and metadata of a weights file in our format (`shared.model.save_weights`)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if model_lib._FORMAT_ATTR not in f.attrs:
-            raise ValueError(f"{path} is not a covidseg weights file (shared.model.save_weights)")
-        keys = sorted(k for k in f.keys() if k.startswith("w"))
-        return [f[k][()].astype(np.float32) for k in keys], json.loads(f.attrs.get("metadata", "{}"))
-
-
 def average(paths) -> tuple[list[np.ndarray], list[dict]]:
     """Element-wise mean of the weights of `paths` (same architecture), and each file's metadata."""
     total, metas = None, []
     for p in paths:
-        values, meta = read_weights(p)
+        ours = model_lib.read_weights(p)
+        if ours is None:
+            raise ValueError(f"{p} is not a covidseg weights file (shared.model.save_weights)")
+        values, meta = [v.astype(np.float32) for v in ours[0]], ours[1]
         if total is not None and [v.shape for v in values] != [t.shape for t in total]:
             raise ValueError(f"{p} does not have the same weights as {paths[0]}")
         total = values if total is None else [t + v for t, v in zip(total, values)]
