@@ -27,16 +27,13 @@ from training.augment import make_example
 CARD_PATH = model_lib.DEFAULT_WEIGHTS.with_suffix(".json")
 
 
-def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
-    """Mean/global Dice and IoU, sensitivity, specificity over `samples` (threshold 0.5, native mask size).
+def native_probabilities(predict, samples, batch_size=8, desc="evaluate"):
+    """Yield (sample, mask, probability) per sample, the probability resized to the mask's own size.
 
     `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities."""
     import cv2
     from tqdm import tqdm
 
-    from shared.metrics import confusion_counts
-
-    per, tot = [], np.zeros(4, dtype=np.int64)
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, mininterval=5, file=sys.stdout):
         chunk = samples[i:i + batch_size]
         imgs = [data.read_gray(s.image) for s in chunk]
@@ -44,12 +41,22 @@ def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
         x = np.stack([make_example(im, m, None)[0] for im, m in zip(imgs, masks)])[..., None]
         probs = np.asarray(predict(x), dtype=np.float32)
         for s, m, p in zip(chunk, masks, probs):
-            p = cv2.resize(p, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_LINEAR)
-            tp, fp, fn, tn = confusion_counts(p >= 0.5, m > 0)
-            tot += (tp, fp, fn, tn)
-            d = 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-            j = 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
-            per.append((s.image.name, d, j))
+            yield s, m, cv2.resize(p, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
+    """Mean/global Dice and IoU, sensitivity, specificity over `samples` (threshold 0.5, native mask size).
+
+    `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities."""
+    from shared.metrics import confusion_counts
+
+    per, tot = [], np.zeros(4, dtype=np.int64)
+    for s, m, p in native_probabilities(predict, samples, batch_size, desc):
+        tp, fp, fn, tn = confusion_counts(p >= 0.5, m > 0)
+        tot += (tp, fp, fn, tn)
+        d = 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        j = 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
+        per.append((s.image.name, d, j))
     tp, fp, fn, tn = (int(v) for v in tot)
     return {"n_images": len(per), "mean_dice": float(np.mean([p[1] for p in per])),
             "global_dice": 2 * tp / max(1, 2 * tp + fp + fn), "mean_iou": float(np.mean([p[2] for p in per])),
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
         },
         "preprocessing": "shared.preprocessing.preprocess: grayscale -> resize to 448 (INTER_AREA down, "
                          "INTER_CUBIC up) -> per-image min-max -> uint8 -> CLAHE(clip 4, 8x8) -> /255",
+        **({"output_calibration": meta["output_calibration"]} if meta.get("output_calibration") else {}),
         "training": {
             "epochs_completed": state["epoch"], "published_epoch": meta.get("epoch"),
             **({"averaged_epochs": meta["averaged_epochs"], "batchnorm_after_averaging": meta.get("batchnorm")}
