@@ -107,9 +107,11 @@ def spec() -> dict:
                                                                   "orientation, series count, hashed series UID"},
                     "report": {"type": ["object", "null"], "description": "report.json when succeeded: "
                                "lesion_volume_ml, lung_volume_ml, percent_involved, ct_score (0-4), sides, "
-                               "voxel_volume_mm3, spacing_mm, shape, n_slices, top_slices, model, lung_method"},
+                               "voxel_volume_mm3, spacing_mm, shape, n_slices, top_slices, model, lung_method, "
+                               "dicom_seg (mask.seg.dcm or null), warnings"},
                     "links": {"type": "object", "description": "self, report, summary, mask, lung_mask, "
-                                                                "overlays_prefix, cancel, retry"},
+                                                                "overlays_prefix, cancel, retry; dicom_seg "
+                                                                "for DICOM input"},
                     "idempotent_replay": {"type": "boolean"}}},
                 "Batch": {"type": "object", "properties": {
                     "id": {"type": "string"}, "total": {"type": "integer"},
@@ -194,7 +196,7 @@ def spec() -> dict:
                     "schema": {"$ref": "#/components/schemas/Study"}}}}, "404": _err("unknown study"), **common}}},
             "/api/v1/studies/{study_id}/files/{name}": {"get": {
                 "summary": "stream a result file: mask.nii.gz, lung_mask.nii.gz, report.json, summary.png, "
-                           "overlays/NNNN.png",
+                           "overlays/NNNN.png; mask.seg.dcm (DICOM SEG: infection + lung) for DICOM input",
                 "parameters": [_id_param("study_id"), {"name": "name", "in": "path", "required": True,
                                                        "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "the file", "content": {

@@ -50,6 +50,8 @@ _UID = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
 _SUFFIX = re.compile(r"(?:\.[a-z0-9]{1,8}){0,2}")
 #: The result files every succeeded study has (overlays/NNNN.png come on top, one per slice).
 STUDY_FILES = ("mask.nii.gz", "lung_mask.nii.gz", "report.json", "summary.png")
+#: Also there for a DICOM series (report["dicom_seg"] names it): infection + lung as a DICOM SEG.
+DICOM_SEG_FILE = "mask.seg.dcm"
 _CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".gz": "application/gzip",
                   ".nii": "application/octet-stream", ".dcm": "application/dicom"}
 #: How shared.study words a refusal by its caps (max_files, max_bytes): answered 413 rather than 400.
@@ -73,13 +75,21 @@ def file_url(study_id: str, name: str) -> str:
     return url_for("studies.get_study_file", study_id=study_id, name=name)
 
 
-def study_links(study_id: str) -> dict:
-    return {"self": url_for("studies.get_study", study_id=study_id),
-            "report": file_url(study_id, "report.json"), "summary": file_url(study_id, "summary.png"),
-            "mask": file_url(study_id, "mask.nii.gz"), "lung_mask": file_url(study_id, "lung_mask.nii.gz"),
-            "overlays_prefix": url_for("studies.get_study", study_id=study_id) + "/files/overlays/",
-            "cancel": url_for("studies.cancel_study", study_id=study_id),
-            "retry": url_for("studies.retry_study", study_id=study_id)}
+def study_links(study_id: str, report: dict | None = None) -> dict:
+    links = {"self": url_for("studies.get_study", study_id=study_id),
+             "report": file_url(study_id, "report.json"), "summary": file_url(study_id, "summary.png"),
+             "mask": file_url(study_id, "mask.nii.gz"), "lung_mask": file_url(study_id, "lung_mask.nii.gz"),
+             "overlays_prefix": url_for("studies.get_study", study_id=study_id) + "/files/overlays/",
+             "cancel": url_for("studies.cancel_study", study_id=study_id),
+             "retry": url_for("studies.retry_study", study_id=study_id)}
+    if has_dicom_seg(report):
+        links["dicom_seg"] = file_url(study_id, DICOM_SEG_FILE)
+    return links
+
+
+def has_dicom_seg(report: dict | None) -> bool:
+    """Whether a succeeded study's report says a DICOM SEG was written (DICOM series input)."""
+    return isinstance(report, dict) and report.get("dicom_seg") == DICOM_SEG_FILE
 
 
 def _loads(text: str | None):
@@ -91,6 +101,7 @@ def _loads(text: str | None):
 
 def study_json(study: db.Study) -> dict:
     """The public representation (also the base of the admin dashboard's)."""
+    report = _loads(study.report) if study.status == db.SUCCEEDED else None
     return {
         "id": study.id, "status": study.status, "progress": round(float(study.progress or 0.0), 1),
         "n_slices": study.n_slices, "format": study.input_format, "deidentified": study.deidentified,
@@ -99,8 +110,8 @@ def study_json(study: db.Study) -> dict:
         "created_at": _iso(study.created_at), "updated_at": _iso(study.updated_at),
         "started_at": _iso(study.started_at), "finished_at": _iso(study.finished_at),
         "metadata": _loads(study.meta) or {},
-        "report": _loads(study.report) if study.status == db.SUCCEEDED else None,
-        "links": study_links(study.id),
+        "report": report,
+        "links": study_links(study.id, report),
     }
 
 
@@ -118,7 +129,7 @@ def study_file_response(study: db.Study, name: str) -> Response:
     """Stream one result file of a study from object storage (public and admin API)."""
     if not is_study_file(name):
         raise ApiError(404, "unknown_file", "no such result file; use " + ", ".join(STUDY_FILES) +
-                       " or overlays/NNNN.png")
+                       ", overlays/NNNN.png or (DICOM input) " + DICOM_SEG_FILE)
     if study.status != db.SUCCEEDED:
         raise ApiError(409, "study_not_succeeded",
                        f"study is {study.status}; results exist only once it succeeded")

@@ -394,6 +394,8 @@ class Volume:
     source_affine: np.ndarray | None = None
     source_shape: tuple | None = None
     source_header: object = None
+    # DICOM series: the slices' headers (no pixel data) in slice order, for DICOM SEG output (shared.dicom_seg)
+    source_datasets: list | None = field(default=None, repr=False)
     _to_source: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -609,7 +611,7 @@ def read_dicom_series(folder, series_uid: str | None = None) -> Volume:
     lps[:3, 3] = origin
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     return Volume(slices=slices, affine=affine, is_hu=_dicom_is_ct_like(ref), source=str(folder),
-                  kind="dicom")
+                  kind="dicom", source_datasets=[ds for _, ds, _ in items])
 
 
 def read_dicom_file_volume(path) -> Volume:

@@ -13,7 +13,7 @@ Whole studies (api/studies.py, worker/study_tasks.py) live under one prefix per 
                                         volume.nii.gz (an uncompressed tar, written once by the API)
     studies/<study_id>/upload           the upload as received: ONLY when COVIDSEG_STUDY_DEIDENTIFY is off
                                         (identifying data is never stored)
-    studies/<study_id>/results/...     mask.nii.gz, lung_mask.nii.gz, report.json, summary.png, overlays/NNNN.png
+    studies/<study_id>/results/...     mask.nii.gz, lung_mask.nii.gz, [mask.seg.dcm,] report.json, summary.png, overlays/NNNN.png
 
 Every object carries its SHA-256 as user metadata (`x-amz-meta-sha256`); the job row records the same sums, and
 the worker verifies an input's checksum before using it. A worker re-run writes the same keys again (idempotent).

@@ -51,6 +51,7 @@ SPACING_TOLERANCE = 0.1
 #: Salt of the series-UID hash when the caller gives none (services should pass a secret of their own).
 DEFAULT_SALT = "covidseg-study"
 NIFTI_NAME = "volume.nii.gz"
+DICOM_SEG_NAME = "mask.seg.dcm"
 
 # zip members that are never part of a series (skipped silently)
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
@@ -818,6 +819,7 @@ def _report(volume: Volume, infection, lung, predicted, segmenter, threshold) ->
         "top_slices": [{"index": int(k), "lesion_area_mm2": float(area[k])} for k in order],
         "slice_lesion_area_mm2": [float(a) for a in area],
         "model": model, "lung_method": _lung_method(),
+        "dicom_seg": DICOM_SEG_NAME if volume.source_datasets else None,
         "warnings": ([] if totals["lung_voxels"] else
                      ["no lung found: percent involved and CT score are unknown"]),
     }
@@ -925,19 +927,45 @@ def summary_png(volume: Volume, analysis: StudyAnalysis, images: list[np.ndarray
     return buf.getvalue()
 
 
+def _dicom_seg_bytes(volume: Volume, analysis: StudyAnalysis) -> bytes | None:
+    from shared import dicom_seg
+
+    if not volume.source_datasets:
+        return None
+    model = analysis.report.get("model") or {}
+    try:
+        data = dicom_seg.dicom_seg_bytes(
+            volume, [(dicom_seg.INFECTION, analysis.infection), (dicom_seg.LUNG, analysis.lung)],
+            **dicom_seg.model_identity(model.get("weights"), model.get("weights_digest"), model.get("backend")))
+    except Exception as exc:  # noqa: BLE001 - a source header highdicom rejects costs only this file
+        analysis.report["dicom_seg"] = None
+        analysis.report.setdefault("warnings", []).append(f"DICOM SEG not written ({type(exc).__name__}: {exc})")
+        return None
+    return data
+
+
 def study_outputs(volume: Volume, analysis: StudyAnalysis, *,
                   overlays: bool = True) -> Iterator[tuple[str, bytes, str]]:
     """The result files of a study as (name, bytes, content type), produced one at a time.
 
     report.json, mask.nii.gz (infection, on the input's own voxel grid and affine), lung_mask.nii.gz,
-    summary.png, then (unless `overlays=False`) overlays/NNNN.png for every slice (NNNN = slice index on the
-    display grid, 0 = first slice along the slice normal: the most inferior one for standard axial series).
+    for a DICOM series mask.seg.dcm (a DICOM SEG with the infection and lung segments, referencing the stored,
+    de-identified slices), summary.png, then (unless `overlays=False`) overlays/NNNN.png for every slice (NNNN =
+    slice index on the display grid, 0 = first slice along the slice normal: the most inferior one for standard
+    axial series).
+
+    A SEG that cannot be built is not a failed study: `analysis.report["dicom_seg"]` becomes None and the reason
+    is added to its warnings before report.json is produced.
     """
     from shared.render import _encode_png
 
+    seg = _dicom_seg_bytes(volume, analysis)
     yield "report.json", json.dumps(analysis.report, indent=1, allow_nan=False).encode(), "application/json"
     yield "mask.nii.gz", _nifti_bytes(volume, analysis.infection), "application/gzip"
     yield "lung_mask.nii.gz", _nifti_bytes(volume, analysis.lung), "application/gzip"
+    if seg is not None:
+        yield DICOM_SEG_NAME, seg, "application/dicom"
+        del seg
     images = volume.slice_images()
     yield "summary.png", summary_png(volume, analysis, images), "image/png"
     for k in range(volume.n_slices if overlays else 0):
@@ -945,8 +973,8 @@ def study_outputs(volume: Volume, analysis: StudyAnalysis, *,
 
 
 def n_outputs(volume: Volume, *, overlays: bool = True) -> int:
-    """How many files `study_outputs` yields (for progress bars)."""
-    return 4 + (volume.n_slices if overlays else 0)
+    """How many files `study_outputs` yields (for progress bars; one fewer if a DICOM SEG cannot be built)."""
+    return 4 + bool(volume.source_datasets) + (volume.n_slices if overlays else 0)
 
 
 __all__ = ["StudyError", "StudyCancelled", "StudyAnalysis", "unpack_study_upload", "load_study", "analyse_study",

@@ -201,7 +201,7 @@ def _after_stop(r, study_id: str) -> None:
 
 
 def _run(r, study: db.Study, progress: _Progress) -> None:
-    from shared.study import analyse_study, load_study, study_outputs
+    from shared.study import analyse_study, load_study, n_outputs, study_outputs
 
     s = settings()
     data = r.storage.get_bytes(study.input_key or study_input_key(study.id), expect_sha256=study.input_sha256)
@@ -218,7 +218,7 @@ def _run(r, study: db.Study, progress: _Progress) -> None:
                              progress=progress.analysis, should_stop=progress.should_stop)
     progress.check()
     sums: dict[str, str] = {}
-    expected = volume.n_slices + 4   # overlays + mask, lung mask, report, summary
+    expected = n_outputs(volume)
     for i, (name, payload, content_type) in enumerate(study_outputs(volume, analysis)):
         sums[name] = r.storage.put_bytes(study_result_key(study.id, name), payload, content_type)
         progress.set(LOAD_PCT + ANALYSE_PCT + (99.0 - LOAD_PCT - ANALYSE_PCT) * min(1.0, (i + 1) / expected))

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from api.admin import _page, bp_admin, bp_admin_api, load_with_token_name, search_term, with_token_name
 from api.admin.auth import admin_api, admin_page, services
 from api.params import created_range_and_page, filter_status, page_of
-from api.studies import cancel, retry, study_file_response, study_json
+from api.studies import DICOM_SEG_FILE, cancel, has_dicom_seg, retry, study_file_response, study_json
 from shared import db
 
 log = logging.getLogger("covidseg.admin")
@@ -34,6 +34,8 @@ def admin_study_json(study: db.Study, token_name: str | None) -> dict:
                     "overlays_prefix": url_for("admin_api.get_study", study_id=sid) + "/files/overlays/",
                     "cancel": url_for("admin_api.cancel_study", study_id=sid),
                     "retry": url_for("admin_api.retry_study", study_id=sid)}
+    if has_dicom_seg(out["report"]):
+        out["links"]["dicom_seg"] = file_link(DICOM_SEG_FILE)
     return out
 
 

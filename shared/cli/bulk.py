@@ -27,7 +27,8 @@ Exit codes of `submit`: 0 every study is accepted; 1 some were rejected or could
 to resume); 2 bad arguments (missing folder, no token, bad URL, token refused, manifest of another folder).
 
 `fetch` polls every submitted study and downloads `report.json`, `summary.png`, `mask.nii.gz` and
-`lung_mask.nii.gz` of every finished one into OUT/<study name>/ (plus OUT/summary.csv with the key numbers).
+`lung_mask.nii.gz` (and `mask.seg.dcm`, the DICOM SEG, for DICOM studies) of every finished one into
+OUT/<study name>/ (plus OUT/summary.csv with the key numbers).
 Files already downloaded (SHA-256 recorded in the manifest and matching the file on disk) are skipped; downloads
 go to a temporary file first, so a killed fetch never leaves a half file that counts as done. `--wait` keeps
 polling until every study is finished. Exit codes: 0 nothing failed, 1 some studies failed or were cancelled or
@@ -71,6 +72,8 @@ MANIFEST_VERSION = 1
 #: result files of a finished study: local file name -> key in the study's `links`
 RESULT_FILES = {"report.json": "report", "summary.png": "summary", "mask.nii.gz": "mask",
                 "lung_mask.nii.gz": "lung_mask"}
+#: fetched too when the study's `links` has them (DICOM input: the masks as a DICOM SEG)
+OPTIONAL_RESULT_FILES = {"mask.seg.dcm": "dicom_seg"}
 FINISHED = ("succeeded", "failed", "cancelled")
 PAUSE_ENV = "COVIDSEG_BULK_PAUSE_AFTER"
 _CHUNK = 1 << 20
@@ -892,7 +895,8 @@ def _fetch_study(client: Client, state: FetchState, out: Path, study_id: str, na
     links = body.get("links") or {}
     sums = _server_checksums(body)
     fetched = dict(state.studies[study_id].get("fetched") or {})
-    for fname, link_key in RESULT_FILES.items():
+    wanted = {**RESULT_FILES, **{f: k for f, k in OPTIONAL_RESULT_FILES.items() if links.get(k)}}
+    for fname, link_key in wanted.items():
         dest = folder / fname
         have = fetched.get(fname)
         if have and dest.is_file() and sums.get(fname) in (None, have) and _sha256_file(dest) == have:
@@ -999,7 +1003,7 @@ def cmd_fetch(args) -> int:
         rows.append([name, status, f"{st.get('progress') or 0:.0f}%",
                      "-" if rep.get("ct_score") is None else str(rep["ct_score"]),
                      "-" if rep.get("percent_involved") is None else f"{rep['percent_involved']:.1f}",
-                     f"{files}/{len(RESULT_FILES)}", (msg or "")[:80]])
+                     f"{files}/{max(len(RESULT_FILES), len(st.get('fetched') or {}))}", (msg or "")[:80]])
     print(_table(rows, ["study", "status", "progress", "CT score", "% involved", "files", "message"]))
     n = {k: sum(1 for sid in ids if results.get(sid, ("",))[0] == k)
          for k in ("succeeded", "failed", "cancelled", "error")}

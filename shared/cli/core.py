@@ -197,6 +197,9 @@ def cmd_predict(args) -> int:
         import nibabel as nib
 
         nib.save(vol.mask_to_nifti(mask), str(nifti_path))
+        seg_path, seg_error = None, None
+        if vol.source_datasets and not args.no_dicom_seg:
+            seg_path, seg_error = _write_dicom_seg(out / name / "mask.seg.dcm", vol, mask, seg)
         slices = []
         for k in tqdm(range(vol.n_slices), desc=f"write {name}", unit="slice", file=sys.stderr,
                       disable=args.no_slice_images or vol.n_slices < 2):
@@ -211,7 +214,8 @@ def cmd_predict(args) -> int:
                         "n_slices": vol.n_slices, "spacing_mm": [round(v, 6) for v in vol.spacing],
                         "orientation": vol.orientation, "infected_fraction": float(mask.mean()),
                         "infected_voxels": int(mask.sum()), "infected_volume_ml": int(mask.sum()) * voxel_ml,
-                        "mask_nifti": str(nifti_path), "slices": slices})
+                        "mask_nifti": str(nifti_path), "mask_dicom_seg": seg_path,
+                        **({"dicom_seg_error": seg_error} if seg_error else {}), "slices": slices})
     summary = {"backend": seg.backend, "preprocessing": seg.preprocessing, "threshold": thr,
                "weights": str(seg.weights) if seg.weights else None, "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -224,11 +228,28 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _write_dicom_seg(path: Path, vol, mask, seg) -> tuple[str | None, str | None]:
+    """Write the infection mask as a DICOM SEG on the input series; (path, None), or (None, why) with a warning
+    (the NIfTI mask is already written, so a source that highdicom cannot describe costs only this file)."""
+    from shared import dicom_seg
+
+    try:
+        ident = dicom_seg.model_identity(seg.weights, seg.digest, seg.backend)
+        data = dicom_seg.dicom_seg_bytes(vol, [(dicom_seg.INFECTION, mask)], **ident)
+    except Exception as exc:  # noqa: BLE001 - any source header highdicom rejects
+        why = f"{type(exc).__name__}: {exc}"
+        print(f"warning: {vol.source}: DICOM SEG not written ({why})", file=sys.stderr)
+        return None, why
+    _write_bytes(path, data)
+    return str(path), None
+
+
 def _register_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment slices / volumes: mask, probability and overlay PNGs",
                        description="Segment CT slices (PNG/JPEG/TIFF/DICOM files or folders of them) and volumes "
                        "(NIfTI files, DICOM series folders). Per slice: mask.png, probability.png, overlay.png; "
-                       "per volume also mask.nii.gz with the input's affine; results.json with infected fractions.")
+                       "per volume also mask.nii.gz with the input's affine (and mask.seg.dcm, a DICOM SEG, for "
+                       "a DICOM series); results.json with infected fractions.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, image folder, NIfTI file or DICOM folder")
     p.add_argument("--out", required=True, help="output folder")
     _add_model_options(p)
@@ -237,6 +258,8 @@ def _register_predict(sub) -> None:
                    help="HU window for DICOM/NIfTI: lung (-600,1500), LEVEL,WIDTH, or none (min-max)")
     p.add_argument("--no-slice-images", action="store_true",
                    help="volumes: write only mask.nii.gz and results.json, no per-slice PNGs")
+    p.add_argument("--no-dicom-seg", action="store_true",
+                   help="DICOM series: do not write mask.seg.dcm (the mask as a DICOM SEG for PACS viewers)")
     p.set_defaults(func=cmd_predict)
 
 

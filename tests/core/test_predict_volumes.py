@@ -57,6 +57,57 @@ def test_dicom_series_roundtrip(tmp_path, use_threshold_model, capsys):
     assert res["infected_volume_ml"] == pytest.approx(data.sum() * 0.7 * 0.8 * 2.5 / 1000)
 
 
+def test_dicom_series_gets_a_dicom_seg_on_the_source_slices(tmp_path, use_threshold_model, capsys):
+    """mask.seg.dcm references every source slice by UID in spatial order (files written shuffled), shares the
+    study, frame of reference and patient, and holds exactly the NIfTI mask, frame by frame."""
+    import pydicom
+
+    from shared.dicom_seg import INFECTION, read_dicom_seg_masks
+
+    hu, _ = blob_volume((5, 40, 48))
+    paths = write_dicom_series(tmp_path / "series", hu, seed=3)   # no PatientBirthDate etc.: Type 2 filled in
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "series"), "--out", str(out), "--no-slice-images"]) == 0, \
+        capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())["results"][0]
+    assert res["mask_dicom_seg"] == str(out / "series" / "mask.seg.dcm") and "dicom_seg_error" not in res
+    nifti = np.asarray(nib.load(str(out / "series" / "mask.nii.gz")).dataobj).transpose(2, 1, 0)  # (z, row, col)
+    masks, uids = read_dicom_seg_masks(out / "series" / "mask.seg.dcm")
+    sources = sorted((pydicom.dcmread(str(p)) for p in paths), key=lambda d: float(d.ImagePositionPatient[2]))
+    assert uids == [d.SOPInstanceUID for d in sources]
+    assert list(masks) == [INFECTION.label] and nifti.sum() > 0
+    assert np.array_equal(masks[INFECTION.label], nifti)
+    seg = pydicom.dcmread(str(out / "series" / "mask.seg.dcm"))
+    assert seg.Modality == "SEG" and seg.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    for key in ("StudyInstanceUID", "FrameOfReferenceUID", "PatientID"):
+        assert seg[key].value == sources[0][key].value, key
+    assert int(seg.NumberOfFrames) == int((nifti.reshape(5, -1).max(axis=1) > 0).sum())   # empty frames omitted
+
+    # opting out, and NIfTI input (no UIDs to reference): no SEG
+    assert main(["predict", str(tmp_path / "series"), "--out", str(tmp_path / "o2"), "--no-slice-images",
+                 "--no-dicom-seg"]) == 0
+    assert not (tmp_path / "o2" / "series" / "mask.seg.dcm").exists()
+    assert json.loads((tmp_path / "o2" / "results.json").read_text())["results"][0]["mask_dicom_seg"] is None
+
+
+def test_dicom_seg_failure_is_a_warning_not_a_lost_result(tmp_path, use_threshold_model, capsys):
+    """A series highdicom cannot describe (no FrameOfReferenceUID) still gets its NIfTI mask and results."""
+    import pydicom
+
+    hu, _ = blob_volume((3, 32, 32))
+    for p in write_dicom_series(tmp_path / "s", hu):
+        ds = pydicom.dcmread(str(p))
+        del ds.FrameOfReferenceUID
+        ds.save_as(p, enforce_file_format=True)
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "s"), "--out", str(out), "--no-slice-images"]) == 0
+    err = capsys.readouterr().err
+    assert "DICOM SEG not written" in err and "Traceback" not in err
+    res = json.loads((out / "results.json").read_text())["results"][0]
+    assert res["mask_dicom_seg"] is None and res["dicom_seg_error"]
+    assert (out / "s" / "mask.nii.gz").is_file() and not (out / "s" / "mask.seg.dcm").exists()
+
+
 def test_nifti_roundtrip_keeps_grid_and_affine(tmp_path, use_threshold_model, capsys):
     hu, centres = blob_volume((4, 40, 48))
     # source array order (j = anterior-posterior flipped, i = left-right, k): a permuted + flipped grid
@@ -74,6 +125,7 @@ def test_nifti_roundtrip_keeps_grid_and_affine(tmp_path, use_threshold_model, ca
     assert not (out / "ct" / "slice_0000").exists()
     res = json.loads((out / "results.json").read_text())["results"][0]
     assert res["infected_voxels"] == int(mask.sum()) and res["shape"] == list(data.shape)
+    assert res["mask_dicom_seg"] is None and not (out / "ct" / "mask.seg.dcm").exists()
 
 
 def test_real_model_on_dicom_and_slices(tmp_path, real_segmenter, capsys):

@@ -165,8 +165,8 @@ def test_masks_agree_with_experts(dicom_case):
 def test_image_outputs(dicom_case):
     out = dicom_case["outputs"]
     names = list(out)
-    assert names[:4] == ["report.json", "mask.nii.gz", "lung_mask.nii.gz", "summary.png"]
-    assert names[4:] == [f"overlays/{k:04d}.png" for k in range(8)]
+    assert names[:5] == ["report.json", "mask.nii.gz", "lung_mask.nii.gz", "mask.seg.dcm", "summary.png"]
+    assert names[5:] == [f"overlays/{k:04d}.png" for k in range(8)]
     assert study.n_outputs(dicom_case["volume"]) == len(names)
     assert out["report.json"][1] == "application/json" and out["summary.png"][1] == "image/png"
     summary = cv2.imdecode(np.frombuffer(out["summary.png"][0], np.uint8), cv2.IMREAD_COLOR)
@@ -494,6 +494,48 @@ def test_broken_and_foreign_inputs(small_hu, tmp_path):
     _refused([("z.zip", zip_bytes([("readme.txt", b"nothing here")]))], tmp_path / "o9", "no DICOM files")
 
 
+def test_dicom_seg_of_a_study(dicom_case):
+    """mask.seg.dcm holds the infection and lung segments exactly, on the stored (de-identified) slices in
+    spatial order, with the stored series' study, patient and frame of reference."""
+    import pydicom
+
+    from shared.dicom_seg import INFECTION, LUNG, read_dicom_seg_masks
+
+    vol, a, out = dicom_case["volume"], dicom_case["analysis"], dicom_case["outputs"]
+    data, ctype = out["mask.seg.dcm"]
+    assert ctype == "application/dicom" and a.report["dicom_seg"] == "mask.seg.dcm"
+    assert json.loads(out["report.json"][0])["dicom_seg"] == "mask.seg.dcm"
+    masks, uids = read_dicom_seg_masks(data)
+    stored = sorted((pydicom.dcmread(str(p)) for p in (dicom_case["root"] / "norm").glob("*.dcm")),
+                    key=lambda d: float(d.ImagePositionPatient[2]))
+    assert uids == [d.SOPInstanceUID for d in stored] == [d.SOPInstanceUID for d in vol.source_datasets]
+    original = {pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for _, b in dicom_case["files"]}
+    assert not original & set(uids)                              # de-identified UIDs, not the upload's
+    assert np.array_equal(masks[INFECTION.label], a.infection) and masks[INFECTION.label].sum() > 0
+    assert np.array_equal(masks[LUNG.label], a.lung)
+    seg = pydicom.dcmread(io.BytesIO(data))
+    assert seg.Modality == "SEG" and seg.PatientID == stored[0].PatientID
+    assert seg.FrameOfReferenceUID == stored[0].FrameOfReferenceUID
+    assert seg.StudyInstanceUID == stored[0].StudyInstanceUID
+    assert seg.ManufacturerModelName == "covidseg-unet-resnet34"
+
+
+def test_dicom_seg_failure_is_a_report_warning(dicom_case):
+    """A series highdicom cannot describe (here: no FrameOfReferenceUID) loses only mask.seg.dcm."""
+    import copy
+    import dataclasses
+
+    vol = copy.copy(dicom_case["volume"])
+    vol.source_datasets = [copy.deepcopy(d) for d in vol.source_datasets]
+    for d in vol.source_datasets:
+        del d.FrameOfReferenceUID
+    a = dataclasses.replace(dicom_case["analysis"], report=copy.deepcopy(dicom_case["analysis"].report))
+    out = outputs_of(vol, a)
+    assert "mask.seg.dcm" not in out and "mask.nii.gz" in out and len(out) == study.n_outputs(vol) - 1
+    r = json.loads(out["report.json"][0])
+    assert r["dicom_seg"] is None and any("DICOM SEG not written" in w for w in r["warnings"])
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_cli_study_on_a_tiny_nifti(tmp_path, real_segmenter, capsys):
     data = real_hu(STEMS[:1]).transpose(2, 1, 0)   # 2 slices
@@ -505,8 +547,9 @@ def test_cli_study_on_a_tiny_nifti(tmp_path, real_segmenter, capsys):
     d = out / "tiny"
     names = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
     assert names == ["lung_mask.nii.gz", "mask.nii.gz", "overlays/0000.png", "overlays/0001.png", "report.json",
-                     "summary.png"]
+                     "summary.png"]                                   # NIfTI input: no DICOM SEG
     r = json.loads((d / "report.json").read_text())
+    assert r["dicom_seg"] is None
     mask = nib.load(str(d / "mask.nii.gz"))
     assert mask.shape == data.shape and np.array_equal(mask.affine, nib.load(str(src)).affine)
     assert r["lesion_volume_ml"] == int(np.asarray(mask.dataobj).sum()) * r["voxel_volume_mm3"] / 1000

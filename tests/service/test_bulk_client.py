@@ -245,15 +245,19 @@ def test_killed_half_way_then_resumed_every_study_exactly_once(stack, token, tmp
     assert r.returncode == 0 and r.stdout.count("accepted (earlier run)") == 4, r.stdout + r.stderr
     assert len(server_studies(stack, token)) == 4
 
-    # fetch --wait: every study finishes and all four result files of each are downloaded
+    # fetch --wait: every study finishes and all four result files of each are downloaded, plus the DICOM SEG of
+    # the three DICOM studies (not of the NIfTI one)
     r = covidseg(["fetch", "--manifest", manifest, "--out", out, "--wait", "--interval", "1"], client_env(token))
     assert r.returncode == 0, r.stdout + r.stderr + stack.tail_logs()
     by_id = {s["id"]: s for s in server_studies(stack, token)}
     assert all(s["status"] == "succeeded" for s in by_id.values()), by_id
     for rel, e in entries.items():
         folder = out / e["name"]
+        dicom = not rel.endswith(".nii.gz")
         assert sorted(p.name for p in folder.iterdir()) == sorted(
-            ["lung_mask.nii.gz", "mask.nii.gz", "report.json", "summary.png"]), rel
+            ["lung_mask.nii.gz", "mask.nii.gz", "report.json", "summary.png"] + ["mask.seg.dcm"] * dicom), rel
+        if dicom:
+            assert (folder / "mask.seg.dcm").read_bytes()[128:132] == b"DICM"
         assert json.loads((folder / "report.json").read_text()) == by_id[e["study_id"]]["report"]
         assert (folder / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import nibabel as nib

@@ -47,7 +47,7 @@ def _dicom_series(n: int = 6, series_uid: str | None = None, skip: tuple = (), s
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     series_uid = series_uid or generate_uid()
-    study_uid = generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
     out = []
     for k, hu in enumerate(_hu_slices(n)):
         if k in skip:
@@ -66,7 +66,7 @@ def _dicom_series(n: int = 6, series_uid: str | None = None, skip: tuple = (), s
         ds.Modality = "CT"
         ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, "19600101"
         ds.InstitutionName, ds.ReferringPhysicianName = "St Example Hospital", "House^Gregory"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [-90.0, -100.0, -50.0 + k * SLICE_STEP]
@@ -233,6 +233,19 @@ def test_dicom_zip_end_to_end_deidentified_and_shuffled_order_gives_the_same_rep
             assert not str(ds.get("InstitutionName", "") or "")
     assert not stack.storage.exists(f"studies/{sid}/upload")         # the raw upload is never stored
 
+    # the DICOM SEG: downloadable as an attachment, on the stored (de-identified) slices, equal to the NIfTI mask
+    from shared.dicom_seg import INFECTION, read_dicom_seg_masks
+    assert report["dicom_seg"] == "mask.seg.dcm", report["warnings"]
+    seg = stack.get(study["links"]["dicom_seg"])
+    assert seg.status_code == 200 and seg.headers["Content-Type"] == "application/dicom"
+    assert "attachment" in seg.headers["Content-Disposition"] and PATIENT_ID.encode() not in seg.content
+    seg_masks, seg_uids = read_dicom_seg_masks(seg.content)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        stored_uids = [pydicom.dcmread(io.BytesIO(tar.extractfile(m).read())).SOPInstanceUID
+                       for m in sorted(tar.getmembers(), key=lambda m: m.name)]
+    assert seg_uids == stored_uids
+    np.testing.assert_array_equal(seg_masks[INFECTION.label], np.asarray(mask.dataobj).transpose(2, 1, 0))
+
     # shuffled: the same slices as separate DICOM files in random order -> the same report
     order = list(range(6))
     random.Random(5).shuffle(order)
@@ -255,6 +268,7 @@ def test_nifti_end_to_end_keeps_the_inputs_affine_and_shape(stack):
     report = study["report"]
     _check_report(report, 5, (3.0, 0.75, 0.75), (5, 256, 256))
     mask, lung = _check_volumes(stack, study, report, 0.75 * 0.75 * 3.0)
+    assert report["dicom_seg"] is None and "dicom_seg" not in study["links"]     # no UIDs to reference
     for img in (mask, lung):
         assert img.shape == (256, 256, 5)
         np.testing.assert_allclose(img.affine, NIFTI_AFFINE, atol=1e-5)
@@ -422,7 +436,7 @@ def test_kill_9_cancel_retry_failure_and_broker_down(stack):
     assert killed["status"] == "succeeded" and killed["attempts"] >= 2 and killed["progress"] == 100, killed
     assert sorted(stack.storage.list_keys(f"studies/{killed_id}/results/")) == sorted(
         [f"studies/{killed_id}/results/{n}" for n in ("mask.nii.gz", "lung_mask.nii.gz", "report.json",
-                                                       "summary.png")] +
+                                                       "summary.png", "mask.seg.dcm")] +
         [f"studies/{killed_id}/results/overlays/{k:04d}.png" for k in range(8)])
     failed = _wait_study(stack, fail_id)
     assert failed["status"] == "failed" and failed["error"] and failed["report"] is None, failed

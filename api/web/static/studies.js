@@ -231,7 +231,9 @@
       [["report", "Report (JSON)", "study-" + short + "-report.json"],
        ["mask", "Infection mask (NIfTI)", "study-" + short + "-mask.nii.gz"],
        ["lung_mask", "Lung mask (NIfTI)", "study-" + short + "-lung_mask.nii.gz"],
-       ["summary", "Summary (PNG)", "study-" + short + "-summary.png"]].forEach(([k, label, name]) => {
+       ["summary", "Summary (PNG)", "study-" + short + "-summary.png"],
+       ["dicom_seg", "Segmentation (DICOM SEG)", "study-" + short + "-mask.seg.dcm"]].forEach(([k, label, name]) => {
+        if (!study.links[k]) return;   // the DICOM SEG exists for DICOM input only
         const b = el("button", { type: "button", class: "btn secondary small" }, label);
         b.addEventListener("click", () => download(study.links[k], name));
         actions.append(b);
