@@ -36,7 +36,7 @@ from api.errors import ApiError
 from api.params import created_range_and_page, filter_status, page_of
 from api.routes import _ID, _IDEMPOTENCY_KEY, _iso, _json_body
 from api.uploads import sanitize_filename
-from shared import db
+from shared import db, dicom_seg
 from shared.celery_app import dispatch_studies
 from shared.storage import (is_study_file, study_input_key, study_prefix, study_result_key, study_results_prefix,
                             study_upload_key)
@@ -51,7 +51,7 @@ _SUFFIX = re.compile(r"(?:\.[a-z0-9]{1,8}){0,2}")
 #: The result files every succeeded study has (overlays/NNNN.png come on top, one per slice).
 STUDY_FILES = ("mask.nii.gz", "lung_mask.nii.gz", "report.json", "summary.png")
 #: Also there for a DICOM series (report["dicom_seg"] names it): infection + lung as a DICOM SEG.
-DICOM_SEG_FILE = "mask.seg.dcm"
+DICOM_SEG_FILE = dicom_seg.FILE_NAME
 _CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".gz": "application/gzip",
                   ".nii": "application/octet-stream", ".dcm": "application/dicom"}
 #: How shared.study words a refusal by its caps (max_files, max_bytes): answered 413 rather than 400.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FILE_NAME = "mask.seg.dcm"  # the SEG's name beside mask.nii.gz (CLI predict, study results, API, bulk fetch)
 SEG_SERIES_NUMBER = 9901  # high, so viewers list the SEG after the source series
 MANUFACTURER = "covidseg"
 
@@ -124,6 +125,16 @@ def dicom_seg_bytes(volume, masks, **kwargs) -> bytes:
     buf = io.BytesIO()
     build_dicom_seg(volume, masks, **kwargs).save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def dicom_seg_or_reason(volume, masks, *, weights: str | None, digest: str | None,
+                        backend: str | None) -> tuple[bytes | None, str | None]:
+    """(`dicom_seg_bytes`, None), or (None, why) when the source cannot make a SEG: callers have already
+    written the NIfTI masks, so a header highdicom rejects (e.g. no FrameOfReferenceUID) costs only this file."""
+    try:
+        return dicom_seg_bytes(volume, masks, **model_identity(weights, digest, backend)), None
+    except Exception as exc:  # noqa: BLE001 - any source header highdicom rejects
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def read_dicom_seg_masks(data_or_path) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from shared import imageio
+from shared.dicom_seg import FILE_NAME as DICOM_SEG_FILE
 from shared.imageio import ImageDecodeError, Volume
 
 #: Default caps of one upload: files (DICOM files + zip members) and bytes (uploaded + unpacked).
@@ -51,7 +52,6 @@ SPACING_TOLERANCE = 0.1
 #: Salt of the series-UID hash when the caller gives none (services should pass a secret of their own).
 DEFAULT_SALT = "covidseg-study"
 NIFTI_NAME = "volume.nii.gz"
-DICOM_SEG_NAME = "mask.seg.dcm"
 
 # zip members that are never part of a series (skipped silently)
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
@@ -819,7 +819,7 @@ def _report(volume: Volume, infection, lung, predicted, segmenter, threshold) ->
         "top_slices": [{"index": int(k), "lesion_area_mm2": float(area[k])} for k in order],
         "slice_lesion_area_mm2": [float(a) for a in area],
         "model": model, "lung_method": _lung_method(),
-        "dicom_seg": DICOM_SEG_NAME if volume.source_datasets else None,
+        "dicom_seg": DICOM_SEG_FILE if volume.source_datasets else None,
         "warnings": ([] if totals["lung_voxels"] else
                      ["no lung found: percent involved and CT score are unknown"]),
     }
@@ -933,14 +933,12 @@ def _dicom_seg_bytes(volume: Volume, analysis: StudyAnalysis) -> bytes | None:
     if not volume.source_datasets:
         return None
     model = analysis.report.get("model") or {}
-    try:
-        data = dicom_seg.dicom_seg_bytes(
-            volume, [(dicom_seg.INFECTION, analysis.infection), (dicom_seg.LUNG, analysis.lung)],
-            **dicom_seg.model_identity(model.get("weights"), model.get("weights_digest"), model.get("backend")))
-    except Exception as exc:  # noqa: BLE001 - a source header highdicom rejects costs only this file
+    data, why = dicom_seg.dicom_seg_or_reason(
+        volume, [(dicom_seg.INFECTION, analysis.infection), (dicom_seg.LUNG, analysis.lung)],
+        weights=model.get("weights"), digest=model.get("weights_digest"), backend=model.get("backend"))
+    if data is None:
         analysis.report["dicom_seg"] = None
-        analysis.report.setdefault("warnings", []).append(f"DICOM SEG not written ({type(exc).__name__}: {exc})")
-        return None
+        analysis.report.setdefault("warnings", []).append(f"DICOM SEG not written ({why})")
     return data
 
 
@@ -964,7 +962,7 @@ def study_outputs(volume: Volume, analysis: StudyAnalysis, *,
     yield "mask.nii.gz", _nifti_bytes(volume, analysis.infection), "application/gzip"
     yield "lung_mask.nii.gz", _nifti_bytes(volume, analysis.lung), "application/gzip"
     if seg is not None:
-        yield DICOM_SEG_NAME, seg, "application/dicom"
+        yield DICOM_SEG_FILE, seg, "application/dicom"
         del seg
     images = volume.slice_images()
     yield "summary.png", summary_png(volume, analysis, images), "image/png"

@@ -64,6 +64,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
+from shared import dicom_seg
 from shared.cli import CLIError, int_at_least
 
 DEFAULT_MANIFEST = "covidseg-manifest.json"
@@ -73,7 +74,7 @@ MANIFEST_VERSION = 1
 RESULT_FILES = {"report.json": "report", "summary.png": "summary", "mask.nii.gz": "mask",
                 "lung_mask.nii.gz": "lung_mask"}
 #: fetched too when the study's `links` has them (DICOM input: the masks as a DICOM SEG)
-OPTIONAL_RESULT_FILES = {"mask.seg.dcm": "dicom_seg"}
+OPTIONAL_RESULT_FILES = {dicom_seg.FILE_NAME: "dicom_seg"}
 FINISHED = ("succeeded", "failed", "cancelled")
 PAUSE_ENV = "COVIDSEG_BULK_PAUSE_AFTER"
 _CHUNK = 1 << 20

@@ -199,7 +199,7 @@ def cmd_predict(args) -> int:
         nib.save(vol.mask_to_nifti(mask), str(nifti_path))
         seg_path, seg_error = None, None
         if vol.source_datasets and not args.no_dicom_seg:
-            seg_path, seg_error = _write_dicom_seg(out / name / "mask.seg.dcm", vol, mask, seg)
+            seg_path, seg_error = _write_dicom_seg(out / name, vol, mask, seg)
         slices = []
         for k in tqdm(range(vol.n_slices), desc=f"write {name}", unit="slice", file=sys.stderr,
                       disable=args.no_slice_images or vol.n_slices < 2):
@@ -228,20 +228,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _write_dicom_seg(path: Path, vol, mask, seg) -> tuple[str | None, str | None]:
-    """Write the infection mask as a DICOM SEG on the input series; (path, None), or (None, why) with a warning
-    (the NIfTI mask is already written, so a source that highdicom cannot describe costs only this file)."""
+def _write_dicom_seg(folder: Path, vol, mask, seg) -> tuple[str | None, str | None]:
+    """Write the infection mask as a DICOM SEG on the input series: (path, None), or (None, why) and a warning."""
     from shared import dicom_seg
 
-    try:
-        ident = dicom_seg.model_identity(seg.weights, seg.digest, seg.backend)
-        data = dicom_seg.dicom_seg_bytes(vol, [(dicom_seg.INFECTION, mask)], **ident)
-    except Exception as exc:  # noqa: BLE001 - any source header highdicom rejects
-        why = f"{type(exc).__name__}: {exc}"
+    data, why = dicom_seg.dicom_seg_or_reason(vol, [(dicom_seg.INFECTION, mask)], weights=seg.weights,
+                                              digest=seg.digest, backend=seg.backend)
+    if data is None:
         print(f"warning: {vol.source}: DICOM SEG not written ({why})", file=sys.stderr)
         return None, why
-    _write_bytes(path, data)
-    return str(path), None
+    _write_bytes(folder / dicom_seg.FILE_NAME, data)
+    return str(folder / dicom_seg.FILE_NAME), None
 
 
 def _register_predict(sub) -> None:
