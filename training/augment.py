@@ -10,57 +10,97 @@ example is bit-identical to the serving input (tested).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from shared.preprocessing import CLAHE_CLIP, INPUT_SIZE, normalize_appearance, preprocess, resize_to_input
 
-#: log-uniform zoom range per domain (relative to filling the 448 canvas, as serving does).
-ZOOM = {"covid": (0.7, 1.6), "medseg": (0.45, 1.1)}
+
+@dataclass(frozen=True)
+class AugmentProfile:
+    """How hard `make_example` varies an example. Probabilities are per example; ranges are uniform draws."""
+
+    #: log-uniform zoom range per domain (relative to filling the 448 canvas, as serving does)
+    zoom: dict
+    #: rotation range in degrees (+/-)
+    max_angle: float
+    #: probability that a MedSeg slice is also turned by a multiple of 90 degrees
+    medseg_turn_p: float
+    #: log aspect change range (+/-)
+    max_log_aspect: float
+    #: shift range as a fraction of the canvas (+/-)
+    max_shift: float
+    gamma_p: float
+    max_log_gamma: float
+    contrast_p: float
+    contrast: tuple
+    max_brightness: float
+    blur_p: float
+    noise_p: float
+    jpeg_p: float
+    #: probability of the serving CLAHE clip limit (else a random one in `clahe_range`)
+    clahe_serving_p: float
+    clahe_range: tuple
 
 
-def _affine(h: int, w: int, size: int, rng: np.random.Generator, domain: str) -> np.ndarray:
-    lo, hi = ZOOM.get(domain, ZOOM["covid"])
+#: the default: wide geometry and appearance ranges that bridge the two data domains.
+FULL = AugmentProfile(zoom={"covid": (0.7, 1.6), "medseg": (0.45, 1.1)}, max_angle=15, medseg_turn_p=0.3,
+                      max_log_aspect=0.1, max_shift=0.12, gamma_p=0.7, max_log_gamma=0.4, contrast_p=0.5,
+                      contrast=(0.8, 1.2), max_brightness=0.08, blur_p=0.2, noise_p=0.3, jpeg_p=0.25,
+                      clahe_serving_p=0.6, clahe_range=(1.5, 8.0))
+#: for the end of a compute-bound run, when the model still fits its training patients no better than held-out
+#: ones: the same kinds of variation, narrower and rarer, closer to what serving feeds the model.
+LIGHT = AugmentProfile(zoom={"covid": (0.85, 1.25), "medseg": (0.6, 1.05)}, max_angle=7, medseg_turn_p=0.1,
+                       max_log_aspect=0.05, max_shift=0.06, gamma_p=0.5, max_log_gamma=0.2, contrast_p=0.3,
+                       contrast=(0.9, 1.1), max_brightness=0.04, blur_p=0.1, noise_p=0.15, jpeg_p=0.1,
+                       clahe_serving_p=0.8, clahe_range=(2.0, 6.0))
+PROFILES = {"full": FULL, "light": LIGHT}
+
+
+def _affine(h: int, w: int, size: int, rng: np.random.Generator, domain: str,
+            profile: AugmentProfile = FULL) -> np.ndarray:
+    lo, hi = profile.zoom.get(domain, profile.zoom["covid"])
     zoom = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    angle = rng.uniform(-15, 15)
-    if domain == "medseg" and rng.random() < 0.3:
+    angle = rng.uniform(-profile.max_angle, profile.max_angle)
+    if domain == "medseg" and rng.random() < profile.medseg_turn_p:
         angle += 90 * rng.integers(1, 4)
     sx, sy = size / w * zoom, size / h * zoom
-    sx *= math.exp(rng.uniform(-0.1, 0.1))  # mild aspect change
+    sx *= math.exp(rng.uniform(-profile.max_log_aspect, profile.max_log_aspect))  # mild aspect change
     a = math.radians(angle)
     c, s = math.cos(a), math.sin(a)
     # map native centre -> canvas centre (+ shift), rotate and scale about it
     lin = np.array([[c * sx, -s * sy], [s * sx, c * sy]])
     if rng.random() < 0.5:
         lin = lin @ np.array([[-1, 0], [0, 1]])
-    shift = rng.uniform(-0.12, 0.12, size=2) * size
+    shift = rng.uniform(-profile.max_shift, profile.max_shift, size=2) * size
     centre_in = np.array([(w - 1) / 2, (h - 1) / 2])
     centre_out = np.array([(size - 1) / 2, (size - 1) / 2]) + shift
     t = centre_out - lin @ centre_in
     return np.hstack([lin, t[:, None]]).astype(np.float32)
 
 
-def _appearance(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _appearance(img: np.ndarray, rng: np.random.Generator, profile: AugmentProfile = FULL) -> np.ndarray:
     """uint8 -> uint8 with random gamma/contrast/blur/noise/JPEG."""
     f = img.astype(np.float32) / 255.0
-    if rng.random() < 0.7:
-        f = f ** math.exp(rng.uniform(-0.4, 0.4))
-    if rng.random() < 0.5:
-        f = f * rng.uniform(0.8, 1.2) + rng.uniform(-0.08, 0.08)
-    if rng.random() < 0.2:
+    if rng.random() < profile.gamma_p:
+        f = f ** math.exp(rng.uniform(-profile.max_log_gamma, profile.max_log_gamma))
+    if rng.random() < profile.contrast_p:
+        f = f * rng.uniform(*profile.contrast) + rng.uniform(-profile.max_brightness, profile.max_brightness)
+    if rng.random() < profile.blur_p:
         f = cv2.GaussianBlur(f, (0, 0), rng.uniform(0.5, 1.3))
-    if rng.random() < 0.3:
+    if rng.random() < profile.noise_p:
         f = f + rng.normal(0, rng.uniform(0.005, 0.03), f.shape).astype(np.float32)
     out = np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8)
-    if rng.random() < 0.25:
+    if rng.random() < profile.jpeg_p:
         ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(40, 95))])
         out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
     return out
 
 
 def make_example(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None, domain: str = "covid",
-                 size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+                 size: int = INPUT_SIZE, profile: AugmentProfile = FULL) -> tuple[np.ndarray, np.ndarray]:
     """(gray uint8 native, mask {0,1} native) -> (float32 size x size input, float32 size x size mask).
 
     `rng=None` means no augmentation: the input is exactly `preprocess(image)` and the mask is resized the
@@ -69,13 +109,13 @@ def make_example(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator |
     if rng is None:
         m = resize_to_input(mask.astype(np.float32), size)
         return preprocess(image, size=size), (m > 0.5).astype(np.float32)
-    M = _affine(image.shape[0], image.shape[1], size, rng, domain)
+    M = _affine(image.shape[0], image.shape[1], size, rng, domain, profile)
     img = cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                          borderValue=0)
     m = cv2.warpAffine(mask.astype(np.float32), M, (size, size), flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    img = _appearance(img, rng)
-    clip = CLAHE_CLIP if rng.random() < 0.6 else rng.uniform(1.5, 8.0)
+    img = _appearance(img, rng, profile)
+    clip = CLAHE_CLIP if rng.random() < profile.clahe_serving_p else rng.uniform(*profile.clahe_range)
     x = normalize_appearance(img, clip).astype(np.float32) / np.float32(255.0)
     return x, (m > 0.5).astype(np.float32)
 

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training precision (default fp32; bf16 only pays on CPUs with AVX512-BF16/AMX or GPUs)")
     p.add_argument("--init-weights", help="start from these weights (e.g. the shipped ones) instead of random")
     p.add_argument("--val-limit", type=int, default=0, help="validate on at most N slices per set (0 = all)")
+    p.add_argument("--augment", choices=sorted(augment.PROFILES), default="full",
+                   help="augmentation profile (default full: wide ranges that bridge the two domains; light: "
+                   "narrower, for fine-tuning a run that is still under-fitted)")
     p.add_argument("--no-augment", action="store_true", help="disable augmentation (debugging)")
 
 
@@ -82,12 +85,13 @@ def batches(train, args, rng):
     covid = [t for t in train if t[2] != "medseg"]
     medseg = [t for t in train if t[2] == "medseg"]
     crop = args.crop or INPUT_SIZE
+    profile = augment.PROFILES[getattr(args, "augment", "full")]  # runs saved before profiles existed: full
     while True:
         xs, ys = [], []
         for _ in range(args.batch_size):
             pool = medseg if (medseg and (not covid or rng.random() < args.medseg_fraction)) else covid
             img, mask, domain = pool[rng.integers(len(pool))]
-            x, y = augment.make_example(img, mask, None if args.no_augment else rng, domain)
+            x, y = augment.make_example(img, mask, None if args.no_augment else rng, domain, profile=profile)
             x, y = augment.random_crop(x, y, crop, rng)
             xs.append(x)
             ys.append(y)
