@@ -62,3 +62,16 @@ def aggregate(per_image: list[dict]) -> dict:
         "specificity": _ratio(tn, tn + fp),
         "tp": tp, "fp": fp, "fn": fn, "tn": tn,
     }
+
+
+#: per-group summaries keep these keys of `aggregate` (the pixel counts stay in the per-image records)
+GROUP_KEYS = ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou", "sensitivity", "specificity")
+
+
+def aggregate_groups(per_image: list[dict], group_of: dict[str, str], missing: str = "ungrouped") -> dict:
+    """`aggregate` per group (e.g. per patient), groups in name order; an image whose name is not in
+    `group_of` counts under `missing`. Reduction: within each group as in `aggregate`."""
+    by: dict[str, list[dict]] = {}
+    for r in per_image:
+        by.setdefault(group_of.get(r["name"], missing), []).append(r)
+    return {g: {k: aggregate(rs)[k] for k in GROUP_KEYS} for g, rs in sorted(by.items())}

@@ -275,12 +275,43 @@ def _read_probability(path: Path) -> np.ndarray:
     return np.clip(img.astype(np.float32), 0.0, 1.0)
 
 
+def _read_groups(path, stems: list[str]) -> dict[str, str]:
+    """stem -> group from a CSV with a `group` column and a `file` (or `stem`/`name`/`image`) column, e.g. the
+    manifest.csv that `python -m training.validation_sets` writes."""
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--groups {path}: no such file")
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = [(c or "").strip().lower() for c in reader.fieldnames or []]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CLIError(f"--groups {path}: not a readable CSV ({exc})") from None
+    key = next((c for c in ("file", "stem", "name", "image") if c in fields), None)
+    if "group" not in fields or key is None:
+        raise CLIError(f"--groups {path}: needs a 'group' column and a 'file' (or stem/name/image) column; "
+                       f"found {', '.join(fields) or 'no header'}")
+    groups = {}
+    for row in rows:
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if row.get(key):
+            groups[Path(row[key]).stem] = row.get("group") or "ungrouped"
+    missing = [s for s in stems if s not in groups]
+    if missing:
+        print(f"warning: {len(missing)} image(s) not in {path} are counted as 'ungrouped' (e.g. {missing[0]})",
+              file=sys.stderr)
+    return groups
+
+
 def cmd_evaluate(args) -> int:
     import cv2
     from tqdm import tqdm
 
     from shared.imageio import read_image
-    from shared.metrics import aggregate, image_scores
+    from shared.metrics import aggregate, aggregate_groups, image_scores
     from shared.render import probability_u8
 
     masks = _image_files(args.masks, "--masks")
@@ -309,6 +340,7 @@ def cmd_evaluate(args) -> int:
         if preds is not None:
             _dims(preds[s])
         sizes[s] = (mw, mh)
+    groups = _read_groups(args.groups, stems) if args.groups else None
     seg = None
     if preds is None:
         _check_weights(args)
@@ -343,6 +375,8 @@ def cmd_evaluate(args) -> int:
     result = {k: agg[k] for k in ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou",
                                   "sensitivity", "specificity")}
     result["per_image"] = per_image
+    if groups is not None:
+        result["per_group"] = aggregate_groups(per_image, groups)
     if args.json:
         jp = Path(args.json)
         jp.parent.mkdir(parents=True, exist_ok=True)
@@ -350,6 +384,8 @@ def cmd_evaluate(args) -> int:
     for k in ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou", "sensitivity", "specificity"):
         v = result[k]
         print(f"{k:12s} {v if isinstance(v, int) else _fmt(v)}")
+    if groups is not None:
+        print(_group_table(result["per_group"]))
     if args.report:
         info = {"source": f"predictions {args.predictions}" if preds is not None else f"images {args.images}",
                 "masks": str(args.masks), "threshold": thr,
@@ -359,6 +395,16 @@ def cmd_evaluate(args) -> int:
         write_report(Path(args.report), result, agg, keep, info, thr)
         print(f"report: {Path(args.report) / 'report.md'}")
     return 0
+
+
+def _group_table(per_group: dict) -> str:
+    """Markdown table of `aggregate_groups` output."""
+    lines = ["| group | images | mean Dice | global Dice | mean IoU | sensitivity | specificity |",
+             "|---|---|---|---|---|---|---|"]
+    for g, r in per_group.items():
+        lines.append(f"| {g} | {r['n_images']} | {_fmt(r['mean_dice'])} | {_fmt(r['global_dice'])} | "
+                     f"{_fmt(r['mean_iou'])} | {_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} |")
+    return "\n".join(lines)
 
 
 def write_report(folder: Path, result: dict, agg: dict, keep: dict, info: dict, thr: float, k: int = 4) -> None:
@@ -398,7 +444,10 @@ def write_report(folder: Path, result: dict, agg: dict, keep: dict, info: dict, 
         lines.append(f"| {key} | {v if isinstance(v, int) else _fmt(v)} |")
     lines += ["", f"Pixel counts: TP {agg['tp']}, FP {agg['fp']}, FN {agg['fn']}, TN {agg['tn']}. "
               f"Threshold {thr}; mean = per-image average, global = from summed pixel counts.", "",
-              f"![best and worst cases](cases.png)", "", "## Per image (worst first)", "",
+              f"![best and worst cases](cases.png)", ""]
+    if "per_group" in result:
+        lines += ["## Per group", "", _group_table(result["per_group"]), ""]
+    lines += ["## Per image (worst first)", "",
               "| image | Dice | IoU | sensitivity | specificity | GT pixels | predicted pixels |",
               "|---|---|---|---|---|---|---|"]
     for r in ranked:
@@ -419,6 +468,9 @@ def _register_evaluate(sub) -> None:
     p.add_argument("--json", help="write the metrics (and the per-image list) to this JSON file")
     p.add_argument("--report", help="folder for report.md and cases.png (best and worst cases)")
     p.add_argument("--save-predictions", help="folder to write the model's probability PNGs into")
+    p.add_argument("--groups", help="CSV with 'file' and 'group' columns (e.g. a patient per group, as in the "
+                   "manifest.csv of training.validation_sets): adds per-group metrics to the output, JSON "
+                   "(per_group) and report")
     p.add_argument("--threshold", type=_threshold, default=0.5, help="default 0.5 (prob >= threshold)")
     _add_model_options(p)
     p.set_defaults(func=cmd_evaluate)

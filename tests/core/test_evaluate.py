@@ -81,3 +81,44 @@ def test_unpaired_files_are_skipped_with_warning(case, capsys):
     captured = capsys.readouterr()
     assert rc == 0 and "without a partner" in captured.err
     assert json.loads((case / "e.json").read_text())["n_images"] == 4
+
+
+def test_per_group_metrics(case, capsys):
+    """--groups: `aggregate` per group, from a manifest.csv-style file (names with extensions, any order)."""
+    groups = case / "manifest.csv"
+    groups.write_text("file,mask,group\nd.png,d.png,p2\na.png,a.png,p1\nb.jpg,b.png,p1\n")  # c: not listed
+    out, rep = case / "g.json", case / "rep"
+    rc = main(["evaluate", "--masks", str(case / "masks"), "--predictions", str(case / "preds"),
+               "--groups", str(groups), "--json", str(out), "--report", str(rep)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "1 image(s) not in" in captured.err and "ungrouped" in captured.err
+    g = json.loads(out.read_text())["per_group"]
+    assert list(g) == ["p1", "p2", "ungrouped"]
+    # p1 = a + b: tp 2, fp 2, fn 2, tn 26
+    assert g["p1"]["n_images"] == 2
+    assert g["p1"]["mean_dice"] == pytest.approx((0.5 + 1) / 2)
+    assert g["p1"]["global_dice"] == pytest.approx(4 / 8)
+    assert g["p1"]["mean_iou"] == pytest.approx((1 / 3 + 1) / 2)
+    assert g["p1"]["sensitivity"] == pytest.approx(2 / 4) and g["p1"]["specificity"] == pytest.approx(26 / 28)
+    assert g["p2"] == pytest.approx({"n_images": 1, "mean_dice": 0.4, "global_dice": 0.4, "mean_iou": 0.25,
+                                     "global_iou": 0.25, "sensitivity": 1.0, "specificity": 0.0})
+    assert g["ungrouped"]["n_images"] == 1 and g["ungrouped"]["mean_dice"] == 1.0
+    assert "| p1 | 2 | 0.7500 | 0.5000 |" in captured.out
+    assert "## Per group" in (rep / "report.md").read_text()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("file,patient\na.png,x\n", "needs a 'group' column"),
+    ("group\nx\n", "needs a 'group' column"),
+    ("", "no header"),
+])
+def test_bad_groups_file(case, capsys, content, message):
+    groups = case / "groups.csv"
+    if content is not None:
+        groups.write_text(content)
+    rc = main(["evaluate", "--masks", str(case / "masks"), "--predictions", str(case / "preds"),
+               "--groups", str(groups)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --groups") and message in err
