@@ -45,23 +45,39 @@ def native_probabilities(predict, samples, batch_size=8, desc="evaluate"):
 
 
 def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
-    """Mean/global Dice and IoU, sensitivity, specificity over `samples` (threshold 0.5, native mask size).
+    """Mean/global Dice and IoU, sensitivity, specificity over `samples` (threshold 0.5, native mask size), the
+    reductions of `shared.metrics.aggregate`, plus `per_group` when the samples share patient groups.
 
     `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities."""
-    from shared.metrics import confusion_counts
+    from shared.metrics import GROUP_KEYS, aggregate, aggregate_groups, image_scores
 
-    per, tot = [], np.zeros(4, dtype=np.int64)
-    for s, m, p in native_probabilities(predict, samples, batch_size, desc):
-        tp, fp, fn, tn = confusion_counts(p >= 0.5, m > 0)
-        tot += (tp, fp, fn, tn)
-        d = 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-        j = 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
-        per.append((s.image.name, d, j))
-    tp, fp, fn, tn = (int(v) for v in tot)
-    return {"n_images": len(per), "mean_dice": float(np.mean([p[1] for p in per])),
-            "global_dice": 2 * tp / max(1, 2 * tp + fp + fn), "mean_iou": float(np.mean([p[2] for p in per])),
-            "global_iou": tp / max(1, tp + fp + fn), "sensitivity": tp / max(1, tp + fn),
-            "specificity": tn / max(1, tn + fp)}
+    per = [image_scores(s.image.name, p >= 0.5, m > 0)
+           for s, m, p in native_probabilities(predict, samples, batch_size, desc)]
+    out = {k: aggregate(per)[k] for k in GROUP_KEYS}
+    group_of = {s.image.name: s.group for s in samples}
+    if len(set(group_of.values())) < len(group_of):  # MedSeg: one image per group, nothing to add
+        out["per_group"] = aggregate_groups(per, group_of)
+    return out
+
+
+def parent_summary(parent_run: Path, init_weights: str | None) -> dict:
+    """What a fine-tuning run started from: the parent run's hyper-parameters and its log up to the epoch of
+    the initial weights (from their metadata), with that part's wall time."""
+    import h5py
+
+    state = json.loads((parent_run / "state.json").read_text())
+    log = list(csv.DictReader(open(parent_run / "log.csv")))
+    epoch = None
+    if init_weights and Path(init_weights).is_file():
+        with h5py.File(init_weights, "r") as f:
+            epoch = json.loads(f.attrs.get("metadata", "{}")).get("epoch")
+    used = [r for r in log if epoch is None or int(r["epoch"]) <= int(epoch)]
+    return {"run": parent_run.name, "init_weights": init_weights, "init_epoch": epoch,
+            "epochs_used": len(used),
+            "wall_time_hours": round(sum(float(r["seconds"]) for r in used) / 3600, 2),
+            "hyperparameters": {k: v for k, v in state["args"].items()
+                                if k not in ("covid_root", "medseg_root", "run_dir", "images", "masks")},
+            "log": used}
 
 
 def main(argv=None) -> int:
@@ -71,11 +87,16 @@ def main(argv=None) -> int:
     p.add_argument("--covid-root", required=True)
     p.add_argument("--medseg-root", required=True)
     p.add_argument("--force", action="store_true", help="publish even if not better than the shipped card")
+    p.add_argument("--parent-run", help="for a run started with --init-weights: the run those weights came from "
+                   "(its hyper-parameters, log and wall time go into the card)")
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     cand = run / args.checkpoint
     if not cand.is_file():
         print(f"error: {cand} does not exist", file=sys.stderr)
+        return 2
+    if args.parent_run and not (Path(args.parent_run) / "state.json").is_file():
+        print(f"error: --parent-run {args.parent_run}: no state.json (not a training run folder)", file=sys.stderr)
         return 2
     _, val_c, val_m = data.split(args.covid_root, args.medseg_root)
     net = model_lib.load_model(cand)
@@ -85,7 +106,10 @@ def main(argv=None) -> int:
                "medseg-100-train held-out images": evaluate_samples(fp32, val_m)}
     score = float(np.mean([m["mean_dice"] for m in metrics.values()]))
     for name, m in metrics.items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()
+                                      if k != "per_group"))
+        for g, gm in m.get("per_group", {}).items():
+            print(f"  {g}: n {gm['n_images']}, mean_dice {gm['mean_dice']:.4f}, sensitivity {gm['sensitivity']:.4f}")
     old = json.loads(CARD_PATH.read_text()) if CARD_PATH.exists() else {}
     old_score = old.get("selection_score", -1.0)
     print(f"candidate score {score:.4f} vs shipped {old_score:.4f} (eval {time.time() - t0:.0f} s)")
@@ -109,6 +133,8 @@ def main(argv=None) -> int:
 
     with h5py.File(cand, "r") as f:
         meta = json.loads(f.attrs.get("metadata", "{}"))
+    parent = parent_summary(Path(args.parent_run), state["args"].get("init_weights")) if args.parent_run else None
+    augment_profile = state["args"].get("augment", "full")
     card = {
         "name": "covidseg-unet-resnet34",
         "architecture": "segmentation_models Unet('resnet34', encoder_weights=None, classes=1, "
@@ -137,6 +163,9 @@ def main(argv=None) -> int:
             **({"averaged_epochs": meta["averaged_epochs"], "batchnorm_after_averaging": meta.get("batchnorm")}
                if meta.get("averaged_epochs") else {}),
             "wall_time_hours": round(state["train_seconds"] / 3600, 2),
+            **({"initialised_from": parent,
+                "total_wall_time_hours": round(state["train_seconds"] / 3600 + parent["wall_time_hours"], 2)}
+               if parent else {}),
             "hardware": "2 CPU cores (Intel Xeon, AVX-512, no GPU)",
             "hyperparameters": {k: v for k, v in state["args"].items()
                                 if k not in ("covid_root", "medseg_root", "run_dir", "images", "masks")},
@@ -144,7 +173,7 @@ def main(argv=None) -> int:
             "optimizer": "Adam, linear warm-up then cosine decay",
             "augmentation": "training/augment.py: affine on the 448 canvas (domain-specific zoom, rotation, "
                             "flip, shift, MedSeg 90-degree turns), gamma/contrast/blur/noise/JPEG, CLAHE clip "
-                            "jitter, lesion-biased crops",
+                            f"jitter, lesion-biased crops; profile '{augment_profile}' (training.augment.PROFILES)",
             "log": log,
         },
         "evaluation_protocol": "fp32, full 448 canvas, threshold 0.5, prediction resized to each mask's size, "
