@@ -189,7 +189,17 @@ def main(argv=None) -> int:
     shutil.copyfile(cand, tmp)
     tmp.replace(model_lib.DEFAULT_WEIGHTS)
     CARD_PATH.write_text(json.dumps(card, indent=2) + "\n")
-    shutil.copyfile(run / "curves.png", model_lib.REPO_ROOT / "docs" / "training_curves.png")
+    curves = model_lib.REPO_ROOT / "docs" / "training_curves.png"
+    if parent:
+        # the whole history: the parent run up to the initial weights, then this run, epochs continued
+        from training.train import plot_curves
+
+        offset = parent["epochs_used"]
+        rows = parent["log"] + [{**r, "epoch": str(int(r["epoch"]) + offset)} for r in log]
+        plot_curves(rows, curves, marks={offset + 0.5: f"{run.name}: fine-tuning, "
+                                                        f"augment {augment_profile}"})
+    else:
+        shutil.copyfile(run / "curves.png", curves)
     print(f"published {model_lib.DEFAULT_WEIGHTS} and {CARD_PATH}")
     return 0
 

@@ -115,13 +115,15 @@ def validate(model, val, batch_size=8):
     return float(np.mean(dices)) if dices else float("nan")
 
 
-def plot_curves(log_path: Path, out_png: Path) -> None:
+def plot_curves(log_path: Path | list[dict], out_png: Path, marks: dict[float, str] | None = None) -> None:
+    """Loss and validation Dice per epoch from a log.csv (or its rows); `marks`: epoch -> label, drawn as
+    vertical lines (e.g. where a fine-tuning run took over from its parent)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(log_path)))
+    rows = log_path if isinstance(log_path, list) else list(csv.DictReader(open(log_path)))
     if not rows:
         return
     ep = [int(r["epoch"]) for r in rows]
@@ -134,6 +136,10 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
         if vals:
             b.plot(ep[:len(vals)], vals, marker="o", label=label)
     b.axhline(0.70, color="C0", ls=":", lw=1), b.axhline(0.65, color="C1", ls=":", lw=1)
+    for x, label in (marks or {}).items():
+        for ax in (a, b):
+            ax.axvline(x, color="gray", ls="--", lw=1)
+        b.text(x, 0.03, f" {label}", color="gray", fontsize=8, rotation=90, va="bottom")
     b.set_xlabel("epoch"), b.set_ylim(0, 1), b.legend(), b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)

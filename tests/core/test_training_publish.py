@@ -65,3 +65,15 @@ def test_publish_rejects_a_parent_that_is_not_a_run(tmp_path, capsys):
     rc = main(["--run-dir", str(run), "--covid-root", str(tmp_path), "--medseg-root", str(tmp_path),
                "--parent-run", str(tmp_path / "nope")])
     assert rc == 2 and "no state.json" in capsys.readouterr().err
+
+
+def test_curves_of_parent_and_fine_tuning_in_one_plot(tmp_path):
+    from training.train import plot_curves
+
+    parent = _run_dir(tmp_path / "r1", epochs=4, seconds=1.0)
+    rows = parent_summary(parent, None)["log"]
+    rows += [{**r, "epoch": str(int(r["epoch"]) + 4)} for r in rows[:2]]
+    out = tmp_path / "curves.png"
+    plot_curves(rows, out, marks={4.5: "ft: fine-tuning, augment light"})
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape[1] > 800
