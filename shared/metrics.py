@@ -64,8 +64,9 @@ def aggregate(per_image: list[dict]) -> dict:
     }
 
 
-#: per-group summaries keep these keys of `aggregate` (the pixel counts stay in the per-image records)
-GROUP_KEYS = ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou", "sensitivity", "specificity")
+#: the summary keys of `aggregate` that evaluations report, overall and per group (the pixel counts stay in the
+#: per-image records)
+SUMMARY_KEYS = ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou", "sensitivity", "specificity")
 
 
 def aggregate_groups(per_image: list[dict], group_of: dict[str, str], missing: str = "ungrouped") -> dict:
@@ -74,4 +75,4 @@ def aggregate_groups(per_image: list[dict], group_of: dict[str, str], missing: s
     by: dict[str, list[dict]] = {}
     for r in per_image:
         by.setdefault(group_of.get(r["name"], missing), []).append(r)
-    return {g: {k: aggregate(rs)[k] for k in GROUP_KEYS} for g, rs in sorted(by.items())}
+    return {g: {k: aggregate(rs)[k] for k in SUMMARY_KEYS} for g, rs in sorted(by.items())}

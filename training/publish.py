@@ -49,35 +49,39 @@ def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
     reductions of `shared.metrics.aggregate`, plus `per_group` when the samples share patient groups.
 
     `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities."""
-    from shared.metrics import GROUP_KEYS, aggregate, aggregate_groups, image_scores
+    from shared.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
 
     per = [image_scores(s.image.name, p >= 0.5, m > 0)
            for s, m, p in native_probabilities(predict, samples, batch_size, desc)]
-    out = {k: aggregate(per)[k] for k in GROUP_KEYS}
+    out = {k: aggregate(per)[k] for k in SUMMARY_KEYS}
     group_of = {s.image.name: s.group for s in samples}
     if len(set(group_of.values())) < len(group_of):  # MedSeg: one image per group, nothing to add
         out["per_group"] = aggregate_groups(per, group_of)
     return out
 
 
+def _hyperparameters(run_args: dict) -> dict:
+    """A run's saved arguments without the machine-specific paths."""
+    return {k: v for k, v in run_args.items() if k not in ("covid_root", "medseg_root", "run_dir", "images", "masks")}
+
+
+def _weights_metadata(path) -> dict:
+    from shared.inference import inspect_weights
+
+    return inspect_weights(path)["metadata"]
+
+
 def parent_summary(parent_run: Path, init_weights: str | None) -> dict:
     """What a fine-tuning run started from: the parent run's hyper-parameters and its log up to the epoch of
     the initial weights (from their metadata), with that part's wall time."""
-    import h5py
-
     state = json.loads((parent_run / "state.json").read_text())
     log = list(csv.DictReader(open(parent_run / "log.csv")))
-    epoch = None
-    if init_weights and Path(init_weights).is_file():
-        with h5py.File(init_weights, "r") as f:
-            epoch = json.loads(f.attrs.get("metadata", "{}")).get("epoch")
+    epoch = _weights_metadata(init_weights).get("epoch") if init_weights and Path(init_weights).is_file() else None
     used = [r for r in log if epoch is None or int(r["epoch"]) <= int(epoch)]
     return {"run": parent_run.name, "init_weights": init_weights, "init_epoch": epoch,
             "epochs_used": len(used),
             "wall_time_hours": round(sum(float(r["seconds"]) for r in used) / 3600, 2),
-            "hyperparameters": {k: v for k, v in state["args"].items()
-                                if k not in ("covid_root", "medseg_root", "run_dir", "images", "masks")},
-            "log": used}
+            "hyperparameters": _hyperparameters(state["args"]), "log": used}
 
 
 def main(argv=None) -> int:
@@ -129,10 +133,7 @@ def main(argv=None) -> int:
             print(f"int8 {name}: mean_dice {m['mean_dice']:.4f} (fp32 {metrics[name]['mean_dice']:.4f})")
     state = json.loads((run / "state.json").read_text())
     log = list(csv.DictReader(open(run / "log.csv")))
-    import h5py
-
-    with h5py.File(cand, "r") as f:
-        meta = json.loads(f.attrs.get("metadata", "{}"))
+    meta = _weights_metadata(cand)
     parent = parent_summary(Path(args.parent_run), state["args"].get("init_weights")) if args.parent_run else None
     augment_profile = state["args"].get("augment", "full")
     card = {
@@ -167,8 +168,7 @@ def main(argv=None) -> int:
                 "total_wall_time_hours": round(state["train_seconds"] / 3600 + parent["wall_time_hours"], 2)}
                if parent else {}),
             "hardware": "2 CPU cores (Intel Xeon, AVX-512, no GPU)",
-            "hyperparameters": {k: v for k, v in state["args"].items()
-                                if k not in ("covid_root", "medseg_root", "run_dir", "images", "masks")},
+            "hyperparameters": _hyperparameters(state["args"]),
             "loss": "binary cross-entropy + per-image Jaccard (segmentation_models)",
             "optimizer": "Adam, linear warm-up then cosine decay",
             "augmentation": "training/augment.py: affine on the 448 canvas (domain-specific zoom, rotation, "

@@ -85,7 +85,7 @@ def batches(train, args, rng):
     covid = [t for t in train if t[2] != "medseg"]
     medseg = [t for t in train if t[2] == "medseg"]
     crop = args.crop or INPUT_SIZE
-    profile = augment.PROFILES[getattr(args, "augment", "full")]  # runs saved before profiles existed: full
+    profile = augment.PROFILES[getattr(args, "augment", "full")]
     while True:
         xs, ys = [], []
         for _ in range(args.batch_size):
@@ -157,7 +157,7 @@ def run(args) -> int:
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state:
         # a resumed run keeps its data and hyper-parameters; only --epochs may grow it
-        for k, v in state["args"].items():
+        for k, v in {"augment": "full", **state["args"]}.items():  # runs saved before profiles used full
             if k not in ("epochs", "run_dir", "val_limit"):
                 setattr(args, k, v)
     if args.images and args.masks:

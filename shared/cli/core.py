@@ -311,7 +311,7 @@ def cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
     from shared.imageio import read_image
-    from shared.metrics import aggregate, aggregate_groups, image_scores
+    from shared.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
     from shared.render import probability_u8
 
     masks = _image_files(args.masks, "--masks")
@@ -372,8 +372,7 @@ def cmd_evaluate(args) -> int:
         bar.update(len(part))
     bar.close()
     agg = aggregate(per_image)
-    result = {k: agg[k] for k in ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou",
-                                  "sensitivity", "specificity")}
+    result = {k: agg[k] for k in SUMMARY_KEYS}
     result["per_image"] = per_image
     if groups is not None:
         result["per_group"] = aggregate_groups(per_image, groups)
@@ -381,7 +380,7 @@ def cmd_evaluate(args) -> int:
         jp = Path(args.json)
         jp.parent.mkdir(parents=True, exist_ok=True)
         jp.write_text(json.dumps(result, indent=1))
-    for k in ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou", "sensitivity", "specificity"):
+    for k in SUMMARY_KEYS:
         v = result[k]
         print(f"{k:12s} {v if isinstance(v, int) else _fmt(v)}")
     if groups is not None:
@@ -414,6 +413,7 @@ def write_report(folder: Path, result: dict, agg: dict, keep: dict, info: dict, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from shared.metrics import SUMMARY_KEYS
     from shared.render import overlay_image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -439,7 +439,7 @@ def write_report(folder: Path, result: dict, agg: dict, keep: dict, info: dict, 
     lines = ["# covidseg evaluation", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k_} | {v} |" for k_, v in info.items()]
     lines += ["", "| metric | value |", "|---|---|"]
-    for key in ("n_images", "mean_dice", "global_dice", "mean_iou", "global_iou", "sensitivity", "specificity"):
+    for key in SUMMARY_KEYS:
         v = result[key]
         lines.append(f"| {key} | {v if isinstance(v, int) else _fmt(v)} |")
     lines += ["", f"Pixel counts: TP {agg['tp']}, FP {agg['fp']}, FN {agg['fn']}, TN {agg['tn']}. "
