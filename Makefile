@@ -40,7 +40,7 @@ test-web: setup
 	$(PY) -m pytest -q tests/web tests/browser $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m shared.cli bench --json artifacts/bench.json
+	$(PY) -m cli bench --json artifacts/bench.json
 	$(MAKE) --no-print-directory bench-service
 	$(PY) scripts/bench_studies.py --json artifacts/bench_studies.json
 

@@ -1,7 +1,7 @@
 """Flask app factory of the covidseg job service. Never imports TensorFlow (tests/service check it).
 
 Production: `gunicorn -c api/gunicorn_conf.py 'api:create_app()'` (gthread workers; settings from the
-environment, see shared/settings.py and docs/SERVICE.md).
+environment, see shared/service/settings.py and docs/SERVICE.md).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from flask import Flask
 
-from shared.settings import Settings, get_settings
+from shared.service.settings import Settings, get_settings
 
 
 @dataclass
@@ -27,9 +27,9 @@ class Services:
 
     @classmethod
     def create(cls, settings: Settings) -> "Services":
-        from shared import db
-        from shared.celery_app import make_celery
-        from shared.storage import Storage
+        from shared.service import db
+        from shared.service.celery_app import make_celery
+        from shared.service.storage import Storage
 
         engine = db.make_engine(settings)
         return cls(settings=settings, engine=engine, Session=db.make_sessionmaker(engine),

@@ -1,4 +1,4 @@
-"""Bearer-token authentication. Tokens are stored as SHA-256 hashes (shared.db.hash_token); a verified hash is
+"""Bearer-token authentication. Tokens are stored as SHA-256 hashes (shared.service.db.hash_token); a verified hash is
 cached per process for `token_cache_seconds` so the submit path does not query the token table every time."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from flask import current_app, g, request
 from sqlalchemy import select, update
 
 from api.errors import ApiError
-from shared import db
+from shared.service import db
 
 
 def services():

@@ -41,7 +41,7 @@ def register_error_handlers(app) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
-        from shared.storage import StorageError
+        from shared.service.storage import StorageError
         import sqlalchemy.exc
         if isinstance(exc, StorageError):
             log.warning("storage unavailable: %s", exc)

@@ -1,4 +1,4 @@
-"""gunicorn settings for the API, derived from shared.settings (COVIDSEG_API_*).
+"""gunicorn settings for the API, derived from shared.service.settings (COVIDSEG_API_*).
 
 gthread workers: a submission is one S3 PUT and one DB commit (the Celery message follows from a background
 thread, api/publish.py), mostly waiting on those servers, so a few processes with several threads each keep the
@@ -6,7 +6,7 @@ CPU busy; /predict waits hold a thread. On the 2-core reference machine 2 worker
 4 x 4 gave the same 50-client throughput within the noise of a shared machine (scripts/bench_service.py
 --api-workers/--api-threads), so the defaults stay at 2 x 8: more processes only add memory and context switches.
 """
-from shared.settings import get_settings
+from shared.service.settings import get_settings
 
 _s = get_settings()
 bind = _s.api_bind

@@ -1,11 +1,11 @@
 """The OpenAPI 3.1 document served at /api/v1/openapi.json (tests check it lists every route)."""
 from __future__ import annotations
 
-from shared.db import STATUSES
-from shared.storage import RESULT_KINDS
+from shared.service.db import STATUSES
+from shared.service.storage import RESULT_KINDS
 
 
-#: Fields of a job's and a study's run history (both tables share the state machine in shared/db.py).
+#: Fields of a job's and a study's run history (both tables share the state machine in shared/service/db.py).
 _RUN_HISTORY = {
     "attempts": {"type": "integer", "description": "claims by a worker since the last retry"},
     "error": {"type": ["string", "null"]},

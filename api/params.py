@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from flask import request
 
 from api.errors import ApiError
-from shared.db import STATUSES
+from shared.service.db import STATUSES
 
 
 def parse_time(name: str):

@@ -24,8 +24,8 @@ from collections import deque
 
 from sqlalchemy import update
 
-from shared import db
-from shared.celery_app import dispatch
+from shared.service import db
+from shared.service.celery_app import dispatch
 
 log = logging.getLogger("covidseg.api")
 _ALL: "weakref.WeakSet[Publisher]" = weakref.WeakSet()

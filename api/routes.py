@@ -17,9 +17,9 @@ from api.errors import ApiError, error_response
 from api.params import created_range_and_page, filter_status, page_of
 from api.publish import Publisher
 from api.uploads import FAST_MULTIPART_MAX_BYTES, check_upload, parse_multipart
-from shared import db
-from shared.celery_app import dispatch
-from shared.storage import RESULT_KINDS, input_key, result_key
+from shared.service import db
+from shared.service.celery_app import dispatch
+from shared.service.storage import RESULT_KINDS, input_key, result_key
 
 log = logging.getLogger("covidseg.api")
 

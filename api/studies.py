@@ -10,7 +10,7 @@
                                             overlays/NNNN.png
 
 Same conventions as the jobs API (api/routes.py): bearer token, JSON errors, Idempotency-Key. The upload is
-unpacked and de-identified (shared.study.unpack_study_upload, COVIDSEG_STUDY_DEIDENTIFY) in a temporary folder
+unpacked and de-identified (shared.core.study.unpack_study_upload, COVIDSEG_STUDY_DEIDENTIFY) in a temporary folder
 BEFORE anything is stored; only the normalised input (studies/<id>/input.tar) goes to object storage, the row is
 committed, and only then the study is published to the bulk queue and answered 202. If the broker is down the row
 stays queued with dispatched_at NULL and the worker's sweep publishes it later: an accepted study is never lost.
@@ -36,9 +36,10 @@ from api.errors import ApiError
 from api.params import created_range_and_page, filter_status, page_of
 from api.routes import _ID, _IDEMPOTENCY_KEY, _iso, _json_body
 from api.uploads import sanitize_filename
-from shared import db, dicom_seg
-from shared.celery_app import dispatch_studies
-from shared.storage import (is_study_file, study_input_key, study_prefix, study_result_key, study_results_prefix,
+from shared.service import db
+from shared.core import dicom_seg
+from shared.service.celery_app import dispatch_studies
+from shared.service.storage import (is_study_file, study_input_key, study_prefix, study_result_key, study_results_prefix,
                             study_upload_key)
 
 log = logging.getLogger("covidseg.api.studies")
@@ -54,7 +55,7 @@ STUDY_FILES = ("mask.nii.gz", "lung_mask.nii.gz", "report.json", "summary.png")
 DICOM_SEG_FILE = dicom_seg.FILE_NAME
 _CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".gz": "application/gzip",
                   ".nii": "application/octet-stream", ".dcm": "application/dicom"}
-#: How shared.study words a refusal by its caps (max_files, max_bytes): answered 413 rather than 400.
+#: How shared.core.study words a refusal by its caps (max_files, max_bytes): answered 413 rather than 400.
 _CAP_ERRORS = ("too many files", "upload too large")
 #: Multipart framing on top of the files themselves (boundaries, part headers, the series_uid field).
 _MULTIPART_SLACK = 1024 * 1024
@@ -222,8 +223,8 @@ def _replay(study: db.Study, fingerprint: str):
 
 
 def _unpack(files, dest: Path, series_uid: str | None) -> dict:
-    """shared.study.unpack_study_upload with the service's caps; any problem with the upload becomes a 4xx."""
-    from shared.study import StudyError, unpack_study_upload
+    """shared.core.study.unpack_study_upload with the service's caps; any problem with the upload becomes a 4xx."""
+    from shared.core.study import StudyError, unpack_study_upload
 
     s = services().settings
     try:

@@ -2,8 +2,8 @@
 
 * size: empty files and files over `max_upload_bytes` are refused (the whole request is capped earlier from its
   Content-Length by Flask's MAX_CONTENT_LENGTH);
-* type: sniffed from the content (shared.imageio.sniff_format), never from the file name or Content-Type;
-* pixel count: width x height from the header only (shared.imageio.image_dimensions), so a decompression bomb
+* type: sniffed from the content (shared.core.imageio.sniff_format), never from the file name or Content-Type;
+* pixel count: width x height from the header only (shared.core.imageio.image_dimensions), so a decompression bomb
   (a tiny PNG declaring 100000 x 100000) is refused before any pixel is inflated;
 * integrity: the container structure is walked (PNG chunks with CRCs up to IEND, JPEG up to EOI, TIFF strip
   extents, DICOM pixel-data length) so a truncated or corrupt upload is a 400 now, not a failed job later;
@@ -108,7 +108,7 @@ def parse_multipart(body: bytes, boundary: str | None, max_parts: int):
 
 
 def check_upload(data: bytes, filename: str | None, settings, index: int = 0) -> CheckedUpload:
-    from shared.imageio import image_dimensions, sniff_format
+    from shared.core.imageio import image_dimensions, sniff_format
 
     where = f"file #{index + 1}" + (f" ({sanitize_filename(filename)})" if sanitize_filename(filename) else "")
     if len(data) == 0:

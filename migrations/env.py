@@ -9,8 +9,8 @@ from pathlib import Path
 
 from alembic import context
 
-from shared.db import Base, make_engine
-from shared.settings import Settings
+from shared.service.db import Base, make_engine
+from shared.service.settings import Settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -283,7 +283,7 @@ def summarize(lat, errors, wall, **extra):
 def bare_inference(json_path: Path, processes: int) -> dict:
     """`covidseg bench --backends int8 --processes N` (model only and whole path, batch 8; and N processes at
     once), in a subprocess at our nice level."""
-    subprocess.run([sys.executable, "-m", "shared.cli", "bench", "--backends", "int8", "--no-seed",
+    subprocess.run([sys.executable, "-m", "cli", "bench", "--backends", "int8", "--no-seed",
                     "--repeats", "3", "--processes", str(processes), "--json", str(json_path)], cwd=REPO,
                    check=True, env=localstack.service_env({}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     res = json.loads(json_path.read_text())
@@ -316,7 +316,7 @@ def _spans(engine, job_ids, submitted_at):
     worker."""
     from sqlalchemy import func, select
 
-    from shared import db
+    from shared.service import db
     with engine.connect() as conn:
         lo, hi = conn.execute(select(func.min(db.Job.started_at), func.max(db.Job.finished_at))
                               .where(db.Job.id.in_(job_ids))).one()
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-submit", action="store_true")
     args = ap.parse_args(argv)
 
-    from shared.settings import Settings
+    from shared.service.settings import Settings
     defaults = Settings()
     workers = args.api_workers or defaults.api_workers
     threads = args.api_threads or defaults.api_threads
@@ -503,7 +503,7 @@ def main(argv=None) -> int:
             import redis as redis_lib
             from sqlalchemy import update
 
-            from shared import db
+            from shared.service import db
             redis_lib.Redis.from_url(services.redis.url).flushdb()
             engine = db.make_engine(url)
             with engine.begin() as conn:

@@ -78,7 +78,7 @@ def nifti_bytes(vol_zyx: np.ndarray) -> bytes:
 def dicom_zip_bytes(vol_zyx: np.ndarray, folder: Path) -> bytes:
     """A zip of one CT series (one file per slice, IPP along +z, stored = HU + 1024) written into `folder`
     first and zipped the way `covidseg submit` zips a DICOM folder."""
-    from shared.cli.bulk import LocalStudy, write_study_zip
+    from cli.bulk import LocalStudy, write_study_zip
     files = write_dicom_series(folder, vol_zyx, spacing=(SPACING[1], SPACING[0]), dz=SPACING[2],
                                origin=(-180.0, -180.0, -200.0), order="spatial",
                                patient=("Bench^Phantom", "BENCH001"))
@@ -238,9 +238,9 @@ def main(argv=None) -> int:
         token = localstack.create_token(env, "bench-studies")
         port = localstack.free_port()
         api_proc = localstack.start_api(env, base / "api.log", port)
-        from shared.settings import Settings
+        from shared.service.settings import Settings
         s = Settings.from_env(env)
-        # one worker per queue, the bulk one at a lower CPU priority (shared/celery_app.py), as `make run` does
+        # one worker per queue, the bulk one at a lower CPU priority (shared/service/celery_app.py), as `make run` does
         w_int = localstack.start_worker(env, base / "worker.log", name="bench-interactive",
                                         queues=s.queue_interactive)
         w_bulk = localstack.start_worker(env, base / "worker-bulk.log", name="bench-bulk", queues=s.queue_bulk,

@@ -299,7 +299,7 @@ def migrate(database_url: str, revision: str = "head", downgrade: bool = False) 
 
 
 def create_token(settings_env: dict, name: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "shared.cli.service", "token", "create", "--name", name, "--quiet"],
+    out = subprocess.run([sys.executable, "-m", "cli.service", "token", "create", "--name", name, "--quiet"],
                          check=True, cwd=REPO, env=service_env(settings_env), stdout=subprocess.PIPE, text=True)
     return out.stdout.strip().splitlines()[-1]
 
@@ -309,7 +309,7 @@ def start_worker(settings_env: dict, log_path: Path, name: str = "w1", nice: int
     """One Celery worker; its pool size is `concurrency`, else COVIDSEG_WORKER_CONCURRENCY (default 2)."""
     queues = queues or ",".join([settings_env.get("COVIDSEG_QUEUE_INTERACTIVE", "covidseg.interactive"),
                                  settings_env.get("COVIDSEG_QUEUE_BULK", "covidseg.bulk")])
-    cmd = [sys.executable, "-m", "celery", "-A", "shared.celery_app", "worker", "-Q", queues, "--pool", "prefork",
+    cmd = [sys.executable, "-m", "celery", "-A", "shared.service.celery_app", "worker", "-Q", queues, "--pool", "prefork",
            "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
     if concurrency is not None:
         cmd += ["--concurrency", str(concurrency)]
@@ -372,8 +372,8 @@ def stop_process(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: flo
 
 
 def ensure_bucket(settings_env: dict) -> None:
-    from shared.settings import Settings
-    from shared.storage import Storage
+    from shared.service.settings import Settings
+    from shared.service.storage import Storage
     Storage.from_settings(Settings.from_env(settings_env)).ensure_bucket()
 
 

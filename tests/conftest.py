@@ -100,9 +100,9 @@ class Stack:
     """A running service: API (gunicorn) + optional worker, over the session's Redis/S3 and one database."""
 
     def __init__(self, backend: str, env: dict, workdir: Path, redis_server, s3_server):
-        from shared import db
-        from shared.settings import Settings
-        from shared.storage import Storage
+        from shared.service import db
+        from shared.service.settings import Settings
+        from shared.service.storage import Storage
 
         self.backend, self.env, self.dir = backend, env, workdir
         self.redis_server, self.s3_server = redis_server, s3_server

@@ -4,7 +4,7 @@ Geometry is one affine warp straight from the native image to the 448 canvas (a 
 scale, rotation, flips, shift; MedSeg slices (cropped to the lungs, so anatomy ~2x larger) are zoomed out more
 and sometimes turned by 90 degrees, covid slices are zoomed in and out around their serving scale. Appearance is
 varied *before* the shared normalisation (gamma, contrast, blur, noise, JPEG re-encoding, CLAHE strength), so
-the model sees what `shared.preprocessing.preprocess` makes of many looks. With augmentation off, a training
+the model sees what `shared.core.preprocessing.preprocess` makes of many looks. With augmentation off, a training
 example is bit-identical to the serving input (tested).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from shared.preprocessing import CLAHE_CLIP, INPUT_SIZE, normalize_appearance, preprocess, resize_to_input
+from shared.core.preprocessing import CLAHE_CLIP, INPUT_SIZE, normalize_appearance, preprocess, resize_to_input
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import model as model_lib  # sets SM_FRAMEWORK before TensorFlow loads
+from shared.core import model as model_lib  # sets SM_FRAMEWORK before TensorFlow loads
 
 
 def average(paths) -> tuple[list[np.ndarray], list[dict]]:
@@ -33,7 +33,7 @@ def average(paths) -> tuple[list[np.ndarray], list[dict]]:
     for p in paths:
         ours = model_lib.read_weights(p)
         if ours is None:
-            raise ValueError(f"{p} is not a covidseg weights file (shared.model.save_weights)")
+            raise ValueError(f"{p} is not a covidseg weights file (shared.core.model.save_weights)")
         values, meta = [v.astype(np.float32) for v in ours[0]], ours[1]
         if total is not None and [v.shape for v in values] != [t.shape for t in total]:
             raise ValueError(f"{p} does not have the same weights as {paths[0]}")

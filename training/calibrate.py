@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import model as model_lib
+from shared.core import model as model_lib
 from training import data
 
 DEFAULT_THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
@@ -85,7 +85,7 @@ def plot_scores(path: Path, thresholds, per_domain: dict[str, np.ndarray], chose
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.split("\n")[0])
-    p.add_argument("--weights", required=True, help="weights file in our format (shared.model.save_weights)")
+    p.add_argument("--weights", required=True, help="weights file in our format (shared.core.model.save_weights)")
     p.add_argument("--out", required=True, help="where to write the calibrated weights (+ a .png of the scores)")
     p.add_argument("--covid-root", required=True)
     p.add_argument("--medseg-root", required=True)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if ours is None:
-        print(f"error: {args.weights} is not a covidseg weights file (shared.model.save_weights)", file=sys.stderr)
+        print(f"error: {args.weights} is not a covidseg weights file (shared.core.model.save_weights)", file=sys.stderr)
         return 2
     meta = ours[1]
     if meta.get("output_calibration"):

@@ -6,6 +6,7 @@ medseg-100-train: 50 cropped slices from > 40 patients, no patient ids: 15 image
 from __future__ import annotations
 
 import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,16 +58,42 @@ def medseg_val_stems(root) -> list[str]:
     return [str(s) for s in sorted(random.Random(MEDSEG_SPLIT_SEED).sample(stems, MEDSEG_VAL_COUNT))]
 
 
-def split(covid_root=None, medseg_root=None):
-    """-> (train, val_covid, val_medseg) lists of Sample."""
+#: The committed cross-validation folds (patient groups and MedSeg stems); see its "description".
+FOLDS_FILE = Path(__file__).with_name("folds.json")
+
+
+def load_folds(path=FOLDS_FILE) -> list[dict]:
+    """The folds of `path`: [{"covid_groups": [...], "medseg_stems": [...]}, ...]."""
+    return json.loads(Path(path).read_text())["folds"]
+
+
+def heldout_of(fold: int | str | None, medseg_root=None, folds_file=FOLDS_FILE) -> tuple[set[str], set[str]]:
+    """(held-out covid groups, held-out MedSeg stems) of a split.
+
+    fold None: the fixed hold-out (COVID_VAL_GROUPS + the 15 seeded MedSeg images) the shipped weights up to
+    run r2 were chosen on; an int K: fold K of `folds_file`; "all": nothing held out (a final model).
+    """
+    if fold is None:
+        return set(COVID_VAL_GROUPS), set(medseg_val_stems(medseg_root)) if medseg_root else set()
+    if fold == "all":
+        return set(), set()
+    folds = load_folds(folds_file)
+    k = int(fold)
+    if not 0 <= k < len(folds):
+        raise ValueError(f"fold {fold} does not exist: {folds_file} has folds 0-{len(folds) - 1}")
+    return set(folds[k]["covid_groups"]), set(folds[k]["medseg_stems"])
+
+
+def split(covid_root=None, medseg_root=None, fold: int | str | None = None, folds_file=FOLDS_FILE):
+    """-> (train, val_covid, val_medseg) lists of Sample for the split `fold` (see `heldout_of`)."""
+    held_groups, held_stems = heldout_of(fold, medseg_root, folds_file)
     train, val_c, val_m = [], [], []
     if covid_root:
         for s in covid_samples(covid_root):
-            (val_c if s.group in COVID_VAL_GROUPS else train).append(s)
+            (val_c if s.group in held_groups else train).append(s)
     if medseg_root:
-        held = set(medseg_val_stems(medseg_root))
         for s in medseg_samples(medseg_root):
-            (val_m if s.image.stem in held else train).append(s)
+            (val_m if s.image.stem in held_stems else train).append(s)
     return train, val_c, val_m
 
 

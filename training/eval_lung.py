@@ -1,4 +1,4 @@
-"""Measure lung masks (`shared.lung.segment_lungs`: learned U-Net or classical) against the expert lung masks.
+"""Measure lung masks (`shared.core.lung.segment_lungs`: learned U-Net or classical) against the expert lung masks.
 
     python -m training.eval_lung --covid-root ../shared/data/covid19-ct-seg-256 [--method learned|classical]
         [--groups val|train|all] [--include none|predicted|expert] [--weights W] [--json OUT]
@@ -21,7 +21,7 @@ from collections import defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from shared.lung import LUNG_METHODS, segment_lungs
+from shared.core.lung import LUNG_METHODS, segment_lungs
 from training.data import read_gray, read_mask, split
 
 INCLUDE_CHOICES = ("none", "predicted", "expert")
@@ -43,7 +43,7 @@ def evaluate(samples, method: str = "learned", include: str = "none", weights=No
     """Samples with lung masks -> {"groups": {group: row}, "overall": row, "images": [...]}.
 
     method: "learned" (the lung U-Net; FileNotFoundError without weights), "classical" or "auto".
-    include: "none"; "predicted" merges `segmenter`'s infection prediction (a `shared.inference.Segmenter`);
+    include: "none"; "predicted" merges `segmenter`'s infection prediction (a `shared.core.inference.Segmenter`);
     "expert" merges the expert infection mask (oracle).
     """
     if include not in INCLUDE_CHOICES:
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         ap.error(f"no slices with lung masks under {args.covid_root}")
     segmenter = None
     if include == "predicted":
-        from shared.inference import Segmenter
+        from shared.core.inference import Segmenter
 
         segmenter = Segmenter(weights=args.infection_weights, backend=args.infection_backend)
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import model as model_lib
+from shared.core import model as model_lib
 from training import data
 from training.augment import make_example
 
@@ -46,10 +46,10 @@ def native_probabilities(predict, samples, batch_size=8, desc="evaluate"):
 
 def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
     """Mean/global Dice and IoU, sensitivity, specificity over `samples` (threshold 0.5, native mask size), the
-    reductions of `shared.metrics.aggregate`, plus `per_group` when the samples share patient groups.
+    reductions of `shared.core.metrics.aggregate`, plus `per_group` when the samples share patient groups.
 
     `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities."""
-    from shared.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
+    from shared.core.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
 
     per = [image_scores(s.image.name, p >= 0.5, m > 0)
            for s, m, p in native_probabilities(predict, samples, batch_size, desc)]
@@ -66,7 +66,7 @@ def _hyperparameters(run_args: dict) -> dict:
 
 
 def _weights_metadata(path) -> dict:
-    from shared.inference import inspect_weights
+    from shared.core.inference import inspect_weights
 
     return inspect_weights(path)["metadata"]
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         print("not published: the shipped weights are at least as good")
         return 1
     # the CPU default backend on the same held-out sets: its Dice must stay within 0.01 of fp32's
-    from shared.inference import Segmenter
+    from shared.core.inference import Segmenter
 
     int8 = Segmenter(weights=cand, backend="int8")
     int8_metrics = {name: evaluate_samples(int8.predict_model_input, samples, desc="evaluate int8")
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         "architecture": "segmentation_models Unet('resnet34', encoder_weights=None, classes=1, "
                         "activation='sigmoid'), input 448x448x1 (fully convolutional)",
         "weights_file": model_lib.DEFAULT_WEIGHTS.name,
-        "weights_format": "HDF5, one float16 dataset per weight in model order (shared.model.save_weights)",
+        "weights_format": "HDF5, one float16 dataset per weight in model order (shared.core.model.save_weights)",
         "licence": "Non-commercial research use only (trained on CC BY-NC-SA / non-commercial data). "
                    "Not a medical device.",
         "data": {
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             "medseg_split": f"random.Random({data.MEDSEG_SPLIT_SEED}).sample of {data.MEDSEG_VAL_COUNT} stems",
             "n_train_slices": len(data.split(args.covid_root, args.medseg_root)[0]),
         },
-        "preprocessing": "shared.preprocessing.preprocess: grayscale -> resize to 448 (INTER_AREA down, "
+        "preprocessing": "shared.core.preprocessing.preprocess: grayscale -> resize to 448 (INTER_AREA down, "
                          "INTER_CUBIC up) -> per-image min-max -> uint8 -> CLAHE(clip 4, 8x8) -> /255",
         **({"output_calibration": meta["output_calibration"]} if meta.get("output_calibration") else {}),
         "training": {
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
                                "mask pixel > 0 positive; mean_* are means of per-image scores",
         "validation_metrics": metrics,
         "validation_metrics_int8": int8_metrics,
-        "int8_protocol": "the same held-out sets through the INT8 onnxruntime model (shared.inference, "
+        "int8_protocol": "the same held-out sets through the INT8 onnxruntime model (shared.core.inference, "
                          "backend int8: the CPU default when within 0.01 mean Dice of fp32)",
         "selection_score": score,
         "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

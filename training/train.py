@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import model as model_lib  # sets the TF/Keras environment first
-from shared.preprocessing import INPUT_SIZE
+from shared.core import model as model_lib  # sets the TF/Keras environment first
+from shared.core.preprocessing import INPUT_SIZE
 from training import augment, data
 
 DEFAULTS = dict(epochs=14, steps_per_epoch=150, batch_size=8, crop=224, lr=1e-3, min_lr=1e-5, warmup_epochs=1,
@@ -53,11 +53,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default=DEFAULTS["precision"],
                    help="training precision (default fp32; bf16 only pays on CPUs with AVX512-BF16/AMX or GPUs)")
     p.add_argument("--init-weights", help="start from these weights (e.g. the shipped ones) instead of random")
+    p.add_argument("--fold", type=_fold_arg, default=None,
+                   help="train on the other folds of training/folds.json and validate on fold K (cross-validation); "
+                   "'all' trains on every slice with no validation (a final model, fixed schedule: the last "
+                   "epoch is the result). Default: the fixed hold-out of training.data.split")
     p.add_argument("--val-limit", type=int, default=0, help="validate on at most N slices per set (0 = all)")
     p.add_argument("--augment", choices=sorted(augment.PROFILES), default="full",
                    help="augmentation profile (default full: wide ranges that bridge the two domains; light: "
                    "narrower, for fine-tuning a run that is still under-fitted)")
     p.add_argument("--no-augment", action="store_true", help="disable augmentation (debugging)")
+
+
+def _fold_arg(value: str):
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fold must be a whole number or 'all', not {value!r}") from None
 
 
 def lr_at(epoch: int, args) -> float:
@@ -100,7 +113,7 @@ def batches(train, args, rng):
 
 def validate(model, val, batch_size=8):
     """Mean per-image Dice (threshold 0.5, at each mask's native size) over `val` [(img, mask, domain)]."""
-    from shared.metrics import dice_iou_counts  # noqa: PLC0415
+    from shared.core.metrics import dice_iou_counts  # noqa: PLC0415
 
     import cv2
 
@@ -157,14 +170,19 @@ def run(args) -> int:
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state:
         # a resumed run keeps its data and hyper-parameters; only --epochs may grow it
-        for k, v in {"augment": "full", **state["args"]}.items():  # runs saved before profiles used full
+        # runs saved before profiles used full; before folds, the fixed hold-out
+        for k, v in {"augment": "full", "fold": None, **state["args"]}.items():
             if k not in ("epochs", "run_dir", "val_limit"):
                 setattr(args, k, v)
     if args.images and args.masks:
         train = _generic_samples(args.images, args.masks)
         val_c, val_m = [], []
     else:
-        train, val_c, val_m = data.split(args.covid_root, args.medseg_root)
+        try:
+            train, val_c, val_m = data.split(args.covid_root, args.medseg_root, fold=getattr(args, "fold", None))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not train:
         print("error: no training samples: give --covid-root/--medseg-root or --images/--masks", file=sys.stderr)
         return 2

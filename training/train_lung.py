@@ -1,4 +1,4 @@
-"""Train the small lung U-Net (`shared.lung_model`) on the expert lung masks of covid19-ct-seg-256.
+"""Train the small lung U-Net (`shared.core.lung_model`) on the expert lung masks of covid19-ct-seg-256.
 
     nice -n 10 python -m training.train_lung --covid-root ../shared/data/covid19-ct-seg-256 --run-dir runs/lung \\
         [--publish weights/covidseg-lung-unet-small.h5]
@@ -6,14 +6,14 @@
 Choices (2 shared CPU cores, ~15 minutes):
 - Data: the training patient groups of `training.data.split` only; the held-out groups are evaluated after every
   epoch for the log, never used to pick weights (the final epoch is published).
-- Input: exactly `shared.lung_model.prepare_lung_input` (letterbox, `shared.preprocessing` min-max + CLAHE) at
+- Input: exactly `shared.core.lung_model.prepare_lung_input` (letterbox, `shared.core.preprocessing` min-max + CLAHE) at
   128 px when augmentation is off. Augmentation acts on the native slice before that recipe: one affine warp
   (flip left-right, flip up-down as some volumes are stored upside down, rotation +-12 degrees, scale +-15 %,
   shift), a display-window jitter (upper clip near soft tissue, as a lung window does), the infection model's
   gamma/contrast/blur/noise/JPEG jitter and a CLAHE-strength jitter.
 - Loss: binary cross-entropy + (1 - soft Dice per image); Adam, short warm-up then cosine decay; seed fixed.
 - Outputs in --run-dir: log.csv (per epoch), a resumable tf.train checkpoint (weights + optimizer + epoch),
-  lung.h5 (final weights, float16, `shared.model.save_weights`) and card.json; `--publish PATH` copies the
+  lung.h5 (final weights, float16, `shared.core.model.save_weights`) and card.json; `--publish PATH` copies the
   weights there and writes the model card next to it (PATH with .json).
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from shared import model as model_lib  # sets the TF/Keras environment first
-from shared.lung_model import LUNG_FILTERS, LUNG_INPUT_SIZE, LungModel, build_lung_unet, letterbox
-from shared.preprocessing import CLAHE_CLIP, normalize_appearance, resize_to_input
+from shared.core import model as model_lib  # sets the TF/Keras environment first
+from shared.core.lung_model import LUNG_FILTERS, LUNG_INPUT_SIZE, LungModel, build_lung_unet, letterbox
+from shared.core.preprocessing import CLAHE_CLIP, normalize_appearance, resize_to_input
 from training import data
 from training.augment import _appearance  # the infection model's appearance jitter, shared on purpose
 
@@ -108,7 +108,7 @@ def _load(samples) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def heldout_dice(lung_model: LungModel, val, val_data) -> dict:
     """Held-out lung Dice (post-processed masks at each slice's size): per group and overall mean/global/min."""
-    from shared.lung import lung_mask_from_probability
+    from shared.core.lung import lung_mask_from_probability
 
     probs = lung_model.predict([g for g, _ in val_data], batch_size=32)
     rows: dict[str, list] = {}
@@ -232,11 +232,11 @@ def model_card(args, train_s, val_s, metrics, log, wall, weights_path) -> dict:
         "name": "covidseg-lung-unet-small",
         "task": "lung mask (both lungs, lesions included, experts' convention) on 8-bit axial CT slices; the "
                 "denominator of percent of lung involved",
-        "architecture": f"plain U-Net (shared.lung_model.build_lung_unet): filters {list(LUNG_FILTERS)}, "
+        "architecture": f"plain U-Net (shared.core.lung_model.build_lung_unet): filters {list(LUNG_FILTERS)}, "
                         f"bottleneck {2 * LUNG_FILTERS[-1]}, 2x(3x3 conv + BN + ReLU) per level, transposed-conv "
                         f"upsampling, sigmoid; input {LUNG_INPUT_SIZE}x{LUNG_INPUT_SIZE}x1",
         "weights_file": Path(weights_path).name,
-        "weights_format": "HDF5, one float16 dataset per weight in model order (shared.model.save_weights)",
+        "weights_format": "HDF5, one float16 dataset per weight in model order (shared.core.model.save_weights)",
         "licence": "Non-commercial research use only (trained on CC BY-NC-SA data). Not a medical device.",
         "data": {"covid19-ct-seg-256": "COVID-19-CT-Seg (Ma Jun et al. 2020, Zenodo 10.5281/zenodo.3757476), "
                                        "expert lung masks (lung-masks/), as prepared by "
@@ -246,11 +246,11 @@ def model_card(args, train_s, val_s, metrics, log, wall, weights_path) -> dict:
                   "n_train_slices": len(train_s), "n_train_groups": len({s.group for s in train_s}),
                   "n_heldout_slices": len(val_s),
                   "selection": "none: the final epoch is published; held-out Dice is logged, not used to choose"},
-        "preprocessing": "shared.lung_model.prepare_lung_input: gray -> pad to square with the image minimum -> "
-                         f"shared.preprocessing.preprocess(size={LUNG_INPUT_SIZE}) (resize, per-image min-max, "
+        "preprocessing": "shared.core.lung_model.prepare_lung_input: gray -> pad to square with the image minimum -> "
+                         f"shared.core.preprocessing.preprocess(size={LUNG_INPUT_SIZE}) (resize, per-image min-max, "
                          "CLAHE clip 4, 8x8, /255); output probability resized back, un-padded, threshold 0.5, "
                          "specks < 0.05 % of the slice dropped, enclosed holes filled "
-                         "(shared.lung.lung_mask_from_probability)",
+                         "(shared.core.lung.lung_mask_from_probability)",
         "training": {
             "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
             "examples_seen": args.epochs * args.steps_per_epoch * args.batch_size,

@@ -1,8 +1,8 @@
 """Celery task for whole studies (issue 5): one task per study on the BULK queue.
 
 `process_study(study_id)` downloads the normalised, de-identified input the API stored
-(studies/<id>/input.tar), reads it with shared.study.load_study, runs shared.study.analyse_study with the worker's
-Segmenter (loaded once per process by worker.tasks) and writes shared.study.study_outputs to
+(studies/<id>/input.tar), reads it with shared.core.study.load_study, runs shared.core.study.analyse_study with the worker's
+Segmenter (loaded once per process by worker.tasks) and writes shared.core.study.study_outputs to
 studies/<id>/results/. Progress (percent) goes to the database at most every `study_progress_interval` s;
 a heartbeat thread keeps the claim alive so the recovery sweep can tell a slow study from a dead worker.
 
@@ -11,7 +11,7 @@ fixed keys (a re-run after kill -9 overwrites them); it is finished only while t
 duplicate message can never move a finished or cancelled study backwards. Cancelling (status leaves `running`)
 makes `should_stop()` true at the next batch and the task stops without results. Transient errors (S3, database)
 release the study and retry with back-off, `task_max_retries` times; bad input fails the study with the reason.
-Time limits come with the message (shared.celery_app.dispatch_studies: base + seconds per slice, below the
+Time limits come with the message (shared.service.celery_app.dispatch_studies: base + seconds per slice, below the
 broker's visibility timeout).
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
-from shared import db
-from shared.celery_app import STUDY_TASK, celery_app
-from shared.storage import study_input_key, study_result_key, study_results_prefix
+from shared.service import db
+from shared.service.celery_app import STUDY_TASK, celery_app
+from shared.service.storage import study_input_key, study_result_key, study_results_prefix
 from worker.tasks import TRANSIENT, _backoff, claim_with_retry, resources, settings
 
 log = logging.getLogger("covidseg.worker.study")
@@ -64,7 +64,7 @@ class _StudyHeartbeat(threading.Thread):
 
 
 class _Progress:
-    """The progress callback and the `should_stop` check handed to shared.study.analyse_study.
+    """The progress callback and the `should_stop` check handed to shared.core.study.analyse_study.
 
     Writes are throttled (at most one per `interval` s, and always the last one), and every write doubles as a
     lease check: a cancelled study is noticed at the next batch.
@@ -168,7 +168,7 @@ def process_study(self, study_id):
         if progress.stopped:   # analyse_study may signal a stop with an exception of its own
             _after_stop(r, study_id)
             return {"claimed": 1, "stopped": 1}
-        from shared.study import StudyError
+        from shared.core.study import StudyError
         if isinstance(exc, StudyError):
             _fail(r, study_id, lease, str(exc))
         else:
@@ -201,7 +201,7 @@ def _after_stop(r, study_id: str) -> None:
 
 
 def _run(r, study: db.Study, progress: _Progress) -> None:
-    from shared.study import analyse_study, load_study, n_outputs, study_outputs
+    from shared.core.study import analyse_study, load_study, n_outputs, study_outputs
 
     s = settings()
     data = r.storage.get_bytes(study.input_key or study_input_key(study.id), expect_sha256=study.input_sha256)

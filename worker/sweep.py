@@ -10,7 +10,7 @@ a conditional UPDATE, and a duplicate message for a job is a no-op for the task.
 3. `queued` jobs published more than `dispatch_grace` s ago whose message is in no queue and not held unacked
    by any worker (e.g. Redis restarted without persistence) -> published again.
 
-Whole studies (shared.db.Study, worker/study_tasks.py) get the same three steps.
+Whole studies (shared.service.db.Study, worker/study_tasks.py) get the same three steps.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from datetime import timedelta
 
 from sqlalchemy import delete, select
 
-from shared import db
-from shared.celery_app import dispatch, dispatch_studies
-from shared.settings import Settings
+from shared.service import db
+from shared.service.celery_app import dispatch, dispatch_studies
+from shared.service.settings import Settings
 
 log = logging.getLogger("covidseg.sweep")
 #: kombu's Redis transport keeps prioritised messages in lists named <queue><SEP><priority>.

@@ -1,6 +1,6 @@
-"""Celery tasks: a thin shell around shared.inference.Segmenter (loaded once per worker process).
+"""Celery tasks: a thin shell around shared.core.inference.Segmenter (loaded once per worker process).
 
-Start: `celery -A shared.celery_app worker -Q covidseg.interactive,covidseg.bulk` (pool size:
+Start: `celery -A shared.service.celery_app worker -Q covidseg.interactive,covidseg.bulk` (pool size:
 COVIDSEG_WORKER_CONCURRENCY; see scripts/localstack.py and docker-compose.yml). The main worker process never
 imports TensorFlow; each pool child loads the model once (`worker_process_init`), on the GPU when TensorFlow sees one, else on the CPU.
 
@@ -28,9 +28,9 @@ from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
-from shared import db
-from shared.celery_app import PROCESS_TASK, SWEEP_TASK, celery_app
-from shared.storage import Storage, StorageError, result_key, result_prefix
+from shared.service import db
+from shared.service.celery_app import PROCESS_TASK, SWEEP_TASK, celery_app
+from shared.service.storage import Storage, StorageError, result_key, result_prefix
 
 log = logging.getLogger("covidseg.worker")
 #: Threads per worker process for S3 transfers and result rendering (I/O-bound; PNG encoding releases the GIL).
@@ -67,7 +67,7 @@ class _Resources:
                     import tensorflow as tf
                     tf.config.threading.set_intra_op_parallelism_threads(s.tf_threads)
                     tf.config.threading.set_inter_op_parallelism_threads(max(1, s.tf_threads // 2))
-                from shared.inference import Segmenter
+                from shared.core.inference import Segmenter
                 self.segmenter = Segmenter(weights=s.weights or None, backend=s.inference_backend,
                                            batch_size=s.infer_batch_size, threads=s.tf_threads or None,
                                            log=log.info)
@@ -253,7 +253,7 @@ def _io_pool() -> ThreadPoolExecutor:
 
 def _fetch_decode(r, job, max_pixels):
     """(image, None) or (None, reason) for one job's input; transient storage errors propagate."""
-    from shared.imageio import decode_image_bytes  # core module (no TensorFlow)
+    from shared.core.imageio import decode_image_bytes  # core module (no TensorFlow)
 
     data = r.storage.get_bytes(job.input_key, expect_sha256=job.input_sha256)
     try:
@@ -264,7 +264,7 @@ def _fetch_decode(r, job, max_pixels):
 
 def _render_store(r, job_id, img, prob):
     """Render the three result PNGs of one job and store them; returns (checksums, infected fraction)."""
-    from shared.render import infected_fraction, mask_png, overlay_png, probability_png
+    from shared.core.render import infected_fraction, mask_png, overlay_png, probability_png
 
     outputs = {"mask": mask_png(prob), "probability": probability_png(prob), "overlay": overlay_png(img, prob)}
     sums = {kind: r.storage.put_bytes(result_key(job_id, kind), png, "image/png") for kind, png in outputs.items()}

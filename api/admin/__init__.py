@@ -19,8 +19,8 @@ from api.errors import ApiError
 from api.params import created_range_and_page, filter_status, page_of
 from api.routes import result_response
 from api.web import security_headers
-from shared import admin_users, db
-from shared.storage import RESULT_KINDS
+from shared.service import admin_users, db
+from shared.service.storage import RESULT_KINDS
 
 log = logging.getLogger("covidseg.admin")
 
@@ -270,8 +270,8 @@ def cancel_job(job_id):
 @bp_admin_api.post("/jobs/<job_id>/retry")
 @admin_api
 def retry_job(job_id):
-    """Same transition as POST /api/v1/jobs/<id>/retry (shared.db.retry_job + publish), for any token's job."""
-    from shared.celery_app import dispatch
+    """Same transition as POST /api/v1/jobs/<id>/retry (shared.service.db.retry_job + publish), for any token's job."""
+    from shared.service.celery_app import dispatch
     svc = services()
     with svc.Session() as session:
         job, _ = _load(session, job_id)

@@ -2,7 +2,7 @@
 
 * The session cookie (`covidseg_admin`) holds a random id only: HttpOnly (no script can read it), SameSite=Strict
   (never sent on a request started by another site), Secure when served over HTTPS or COVIDSEG_ADMIN_COOKIE_SECURE.
-  The database keeps its SHA-256 (shared.admin_users.AdminSession): logout really ends the session.
+  The database keeps its SHA-256 (shared.service.admin_users.AdminSession): logout really ends the session.
 * CSRF: every state-changing admin request must carry the session's CSRF token (the `X-CSRF-Token` header from the
   dashboard's JS, or a `csrf_token` form field), and its Origin/Referer, when the browser sends one, must be this
   site. The login form itself uses a double-submit cookie (there is no session yet).
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from flask import current_app, g, redirect, request, url_for
 
 from api.errors import ApiError
-from shared import admin_users
+from shared.service import admin_users
 
 SESSION_COOKIE = "covidseg_admin"
 LOGIN_CSRF_COOKIE = "covidseg_login_csrf"
@@ -32,7 +32,7 @@ def services():
 
 
 def cfg(name: str):
-    """An admin setting (shared.settings, section "web interface and admin dashboard")."""
+    """An admin setting (shared.service.settings, section "web interface and admin dashboard")."""
     return getattr(services().settings, name)
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, func, select
 
-from shared import db
+from shared.service import db
 
 #: kombu's Redis transport keeps prioritised messages in lists named <queue><SEP><priority>.
 _PRIORITY_SEP = "\x06\x16"

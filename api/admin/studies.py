@@ -15,7 +15,7 @@ from api.admin import _page, bp_admin, bp_admin_api, load_with_token_name, searc
 from api.admin.auth import admin_api, admin_page, services
 from api.params import created_range_and_page, filter_status, page_of
 from api.studies import DICOM_SEG_FILE, cancel, has_dicom_seg, retry, study_file_response, study_json
-from shared import db
+from shared.service import db
 
 log = logging.getLogger("covidseg.admin")
 

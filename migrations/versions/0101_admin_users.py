@@ -1,4 +1,4 @@
-"""admin dashboard: admin_users, admin_sessions and the admin_actions audit trail (shared/admin_users.py)
+"""admin dashboard: admin_users, admin_sessions and the admin_actions audit trail (shared/service/admin_users.py)
 
 Revision ID: 0101_admin
 Revises: 0001

@@ -1,4 +1,4 @@
-"""whole studies: the studies table (shared/db.py Study; API api/studies.py, worker worker/study_tasks.py)
+"""whole studies: the studies table (shared/service/db.py Study; API api/studies.py, worker worker/study_tasks.py)
 
 Revision ID: 0201_studies
 Revises: 0101_admin

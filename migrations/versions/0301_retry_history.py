@@ -1,4 +1,4 @@
-"""retry history: jobs.retries / jobs.previous_error and the same on studies (shared/db.py _retry)
+"""retry history: jobs.retries / jobs.previous_error and the same on studies (shared/service/db.py _retry)
 
 A retry used to reset `attempts` and clear `error`, so the reason the previous run ended was lost. Now `retries`
 counts the retries and `previous_error` keeps the last run's error (or "cancelled").

@@ -52,7 +52,7 @@ def web_stack(services_dir, redis_server, s3_server, postgres_server):
     workdir.mkdir(exist_ok=True)
     st = root.Stack("browser", env, workdir, redis_server, s3_server)
     # the real CLI creates the administrator (password on stdin, never on the command line)
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "admin", "create", ADMIN_USER, "--password-stdin"],
+    out = subprocess.run([sys.executable, "-m", "cli", "admin", "create", ADMIN_USER, "--password-stdin"],
                          input=ADMIN_PASSWORD + "\n", text=True, capture_output=True, cwd=REPO,
                          env=localstack.service_env(env), timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -65,7 +65,7 @@ def failed_job(web_stack):
     """A job that really failed: submitted while no worker runs, its upload deleted from S3, then the worker
     starts and fails it (no retries in this stack). The upload is put back afterwards, so a retry can succeed.
     Starting the worker here also serves the other tests."""
-    from shared.storage import input_key
+    from shared.service.storage import input_key
     assert web_stack.worker is None, "the failure must be set up before the worker starts"
     r = web_stack.submit([SLICES / "covid_0340.png"])
     assert r.status_code == 202, r.text

@@ -40,7 +40,7 @@ def _succeeded_row(page, short_id, timeout=180_000):
 
 
 def test_dicom_study_shows_results_and_downloads_its_dicom_seg(page, web_stack, worker, tmp_path):
-    from shared.dicom_seg import INFECTION, LUNG, read_dicom_seg_masks
+    from shared.core.dicom_seg import INFECTION, LUNG, read_dicom_seg_masks
 
     hu = np.stack([np.round(fixture_slice_hu(p)) for p in FIXTURE_SLICES])          # 4 real 256² slices
     files = write_dicom_series(tmp_path / "series", hu, patient=("Doe^Jane", "MRN-4711"))

@@ -1,7 +1,7 @@
 """Fixtures of the core suite (no services, no /work/shared).
 
 - The int8/ONNX cache goes to a session temp dir (COVIDSEG_CACHE_DIR, inherited by CLI subprocesses).
-- The real (shipped) model is loaded at most once per backend per session via `shared.inference.get_segmenter`.
+- The real (shipped) model is loaded at most once per backend per session via `shared.core.inference.get_segmenter`.
 - `threshold_model`: a one-layer Keras "U-Net stand-in" whose output is sigmoid(40 * (x - 0.5)) of the
   preprocessed input: bright structures become the mask. It makes geometry tests meaningful whatever the shipped
   weights hold (they are a random-init placeholder until the lead ships trained weights).
@@ -53,14 +53,14 @@ def fixture_pairs():
 @pytest.fixture(scope="session")
 def real_segmenter():
     """The shipped weights, fp32 TensorFlow, loaded once (shared with in-process CLI calls)."""
-    from shared.inference import get_segmenter
+    from shared.core.inference import get_segmenter
 
     return get_segmenter(None, "fp32", "covidseg")
 
 
 @pytest.fixture(scope="session")
 def threshold_model():
-    from shared import model as _  # noqa: F401  (sets the Keras environment first)
+    from shared.core import model as _  # noqa: F401  (sets the Keras environment first)
     import tensorflow as tf
 
     keras = tf.keras
@@ -73,14 +73,14 @@ def threshold_model():
 
 @pytest.fixture(scope="session")
 def threshold_segmenter(threshold_model):
-    from shared.inference import Segmenter
+    from shared.core.inference import Segmenter
 
     return Segmenter(model=threshold_model, backend="fp32")
 
 
 def trained_weights() -> bool:
-    from shared.inference import inspect_weights
-    from shared.model import DEFAULT_WEIGHTS
+    from shared.core.inference import inspect_weights
+    from shared.core.model import DEFAULT_WEIGHTS
 
     meta = inspect_weights(DEFAULT_WEIGHTS).get("metadata", {})
     return "placeholder" not in str(meta.get("note", "")) and bool(meta)

@@ -1,10 +1,10 @@
-"""`covidseg bench`'s worker-pool measurement (shared.bench.ParallelModel): real processes, real model."""
+"""`covidseg bench`'s worker-pool measurement (cli.bench.ParallelModel): real processes, real model."""
 from __future__ import annotations
 
 import numpy as np
 
-from shared.bench import ParallelModel
-from shared.model import DEFAULT_WEIGHTS
+from cli.bench import ParallelModel
+from shared.core.model import DEFAULT_WEIGHTS
 
 
 def test_parallel_model_runs_every_process_and_stops_them():

@@ -21,7 +21,7 @@ SLICE = FIXTURES / "slices" / "covid_0300.png"
 
 def run_cli(*args, cwd=None):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "shared.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=120)
 
 

@@ -1,12 +1,12 @@
-"""The command registry: modules listed in shared.cli.COMMAND_MODULES; a broken optional module breaks nothing."""
+"""The command registry: modules listed in cli.COMMAND_MODULES; a broken optional module breaks nothing."""
 from __future__ import annotations
 
 import sys
 
 import pytest
 
-import shared.cli as cli
-from shared.cli import core
+import cli as cli
+from cli import core
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def broken_module(tmp_path, monkeypatch):
 
 
 def test_broken_optional_modules_do_not_break_core(broken_module, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["shared.cli.core", "covidseg_broken_cli",
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cli.core", "covidseg_broken_cli",
                                                  "covidseg_bad_register", "covidseg_absent_module_xyz"])
     parser = cli.build_parser()
     assert set(parser.unavailable) == {"covidseg_broken_cli", "covidseg_bad_register"}
@@ -46,7 +46,7 @@ def test_train_is_mounted_from_training_train(monkeypatch, tmp_path):
 
 
 def test_flops_per_slice(real_segmenter):
-    from shared.bench import conv_flops
+    from cli.bench import conv_flops
 
     f = conv_flops(real_segmenter.keras_model())
     assert 40e9 < f["total"] < 55e9  # ~47 GFLOP per 448x448 slice

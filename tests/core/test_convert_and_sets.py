@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.cli import main
+from cli import main
 from training import data
 from training.train import _generic_samples
 from training.validation_sets import main as sets_main

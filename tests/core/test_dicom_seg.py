@@ -1,4 +1,4 @@
-"""shared.dicom_seg: exact round trip of several segments (empty ones included: a healthy patient), SNOMED coding,
+"""shared.core.dicom_seg: exact round trip of several segments (empty ones included: a healthy patient), SNOMED coding,
 refusal of inputs that cannot make a SEG."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from shared import dicom_seg, imageio
+from shared.core import dicom_seg, imageio
 
 from .helpers import blob_volume, write_dicom_series, write_nifti
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.cli import main
+from cli import main
 
 
 def _write(path, img):

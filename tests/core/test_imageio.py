@@ -1,4 +1,4 @@
-"""shared.imageio: sniffing, header-only sizes, decoding, DICOM series geometry, NIfTI geometry, windowing."""
+"""shared.core.imageio: sniffing, header-only sizes, decoding, DICOM series geometry, NIfTI geometry, windowing."""
 from __future__ import annotations
 
 import io
@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from shared import imageio
-from shared.imageio import ImageDecodeError
+from shared.core import imageio
+from shared.core.imageio import ImageDecodeError
 
 from .conftest import FIXTURES
 from .helpers import blob_volume, write_dicom_series, write_nifti

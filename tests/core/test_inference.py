@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from shared import inference
-from shared.inference import Segmenter, WeightsError
-from shared.preprocessing import preprocess
+from shared.core import inference
+from shared.core.inference import Segmenter, WeightsError
+from shared.core.preprocessing import preprocess
 from training.augment import make_example
 
 from .conftest import FIXTURES
@@ -123,7 +123,7 @@ def test_seed_weights_match_keras_predict(tmp_path, fixture_pairs, seed_model):
     assert inference.inspect_weights(full)["format"] == "keras"
     model = seg.keras_model()
     model.set_weights([np.zeros_like(w) for w in model.get_weights()])
-    from shared.model import load_weights
+    from shared.core.model import load_weights
 
     load_weights(model, full)
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), seed_model.get_weights()))
@@ -144,7 +144,7 @@ def test_trained_weights_int8_dice_within_001_of_fp32(fixture_pairs):
 
     if not trained_weights():
         pytest.skip("the shipped weights are the random-init placeholder")
-    from shared.metrics import dice_iou_counts
+    from shared.core.metrics import dice_iou_counts
 
     fp32 = Segmenter(backend="fp32", log=None)
     int8 = Segmenter(backend="int8", cache_root=PERSISTENT_CACHE, log=None)  # built once, then cached
@@ -158,7 +158,7 @@ def test_trained_weights_int8_dice_within_001_of_fp32(fixture_pairs):
 
 
 def test_onnx_export_matches_keras_with_upsampling(tmp_path):
-    """The exported graph, with all of `shared.onnx_graph`'s rewrites applied (U-Net-like: a skip concat after an
+    """The exported graph, with all of `shared.core.onnx_graph`'s rewrites applied (U-Net-like: a skip concat after an
     upsampling, an upsampling straight into a 3x3 conv + ReLU, a BatchNormalization that cannot fold into a conv),
     computes what Keras computes, borders included."""
     import collections

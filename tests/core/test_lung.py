@@ -1,4 +1,4 @@
-"""shared.lung: classical lung masks on the committed real fixtures and on a synthetic HU volume.
+"""shared.core.lung: classical lung masks on the committed real fixtures and on a synthetic HU volume.
 
 Thresholds are the values measured when the module was tuned (on the training patients of covid19-ct-seg-256;
 the fixtures are held-out slices) minus a margin of 0.03. Only tests/fixtures is read, never /work/shared.
@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.lung import lung_mask_hu, lung_mask_slice, split_sides
+from shared.core.lung import lung_mask_hu, lung_mask_slice, split_sides
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 REPO = FIXTURES.parent.parent
@@ -158,7 +158,7 @@ def test_split_sides(phantom):
 
 
 def test_lung_module_stays_light():
-    code = ("import sys, shared.lung; heavy = [m for m in ('tensorflow', 'flask', 'celery', 'scipy', 'skimage') "
+    code = ("import sys, shared.core.lung; heavy = [m for m in ('tensorflow', 'flask', 'celery', 'scipy', 'skimage') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -1,4 +1,4 @@
-"""shared.lung.segment_lungs with the learned lung U-Net (shared.lung_model) and its classical fallback.
+"""shared.core.lung.segment_lungs with the learned lung U-Net (shared.core.lung_model) and its classical fallback.
 
 Real model, real shipped weights (weights/covidseg-lung-unet-small.h5), real held-out slices from tests/fixtures
 (all four covid fixtures come from patient groups the model never trained on). Dice thresholds are the values
@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.lung import lung_mask_from_probability, lung_mask_slice, lung_method, segment_lungs
-from shared.lung_model import LUNG_INPUT_SIZE, LUNG_WEIGHTS, get_lung_model, prepare_lung_input
+from shared.core.lung import lung_mask_from_probability, lung_mask_slice, lung_method, segment_lungs
+from shared.core.lung_model import LUNG_INPUT_SIZE, LUNG_WEIGHTS, get_lung_model, prepare_lung_input
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MARGIN = 0.03

@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from shared.cli import core, main
-from shared.metrics import dice_iou_counts
+from cli import core, main
+from shared.core.metrics import dice_iou_counts
 
 from .conftest import FIXTURES
 from .helpers import BLOB_HU, blob_volume, write_dicom_series, write_nifti
@@ -62,7 +62,7 @@ def test_dicom_series_gets_a_dicom_seg_on_the_source_slices(tmp_path, use_thresh
     study, frame of reference and patient, and holds exactly the NIfTI mask, frame by frame."""
     import pydicom
 
-    from shared.dicom_seg import INFECTION, read_dicom_seg_masks
+    from shared.core.dicom_seg import INFECTION, read_dicom_seg_masks
 
     hu, _ = blob_volume((5, 40, 48))
     paths = write_dicom_series(tmp_path / "series", hu, seed=3)   # no PatientBirthDate etc.: Type 2 filled in

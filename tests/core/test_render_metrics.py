@@ -1,11 +1,11 @@
-"""shared.render and shared.metrics."""
+"""shared.core.render and shared.core.metrics."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
-from shared import metrics, render
+from shared.core import metrics, render
 
 
 def _decode(png: bytes, flag=cv2.IMREAD_UNCHANGED):

@@ -1,4 +1,4 @@
-"""shared.study and `covidseg study`: whole studies built from the real fixture slices, the shipped model.
+"""shared.core.study and `covidseg study`: whole studies built from the real fixture slices, the shipped model.
 
 Volumes are stacks of the four real covid19-ct-seg fixture slices (256x256, 8-bit) turned into Hounsfield units
 through the inverse of the lung window, written as a DICOM series (pydicom) or NIfTI (nibabel) with known
@@ -19,10 +19,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from shared import study
-from shared.cli import main
-from shared.metrics import dice_iou_counts
-from shared.study import StudyCancelled, StudyError
+from shared.core import study
+from cli import main
+from shared.core.metrics import dice_iou_counts
+from shared.core.study import StudyCancelled, StudyError
 
 from .conftest import FIXTURES
 from .helpers import write_dicom_series, write_nifti
@@ -499,7 +499,7 @@ def test_dicom_seg_of_a_study(dicom_case):
     spatial order, with the stored series' study, patient and frame of reference."""
     import pydicom
 
-    from shared.dicom_seg import INFECTION, LUNG, read_dicom_seg_masks
+    from shared.core.dicom_seg import INFECTION, LUNG, read_dicom_seg_masks
 
     vol, a, out = dicom_case["volume"], dicom_case["analysis"], dicom_case["outputs"]
     data, ctype = out["mask.seg.dcm"]

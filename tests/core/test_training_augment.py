@@ -69,7 +69,7 @@ def test_profiles_are_narrower_field_by_field():
 
 
 def test_train_cli_takes_the_profile(monkeypatch, tmp_path, capsys):
-    import shared.cli as cli
+    import cli as cli
     from training import train
 
     seen = {}

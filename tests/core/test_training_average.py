@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared import model as model_lib
+from shared.core import model as model_lib
 from training import average
 
 

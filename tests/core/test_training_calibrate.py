@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import model as model_lib
+from shared.core import model as model_lib
 from training import calibrate
 
 

@@ -48,7 +48,7 @@ def _run_dir(path: Path, epochs: int, seconds: float) -> Path:
 def test_parent_summary_counts_the_parent_up_to_the_initial_weights(tmp_path):
     parent = _run_dir(tmp_path / "r1", epochs=5, seconds=720.0)
     init = tmp_path / "r1" / "e3.h5"
-    with h5py.File(init, "w") as f:  # the layout of shared.model.save_weights, without the tensors
+    with h5py.File(init, "w") as f:  # the layout of shared.core.model.save_weights, without the tensors
         f.attrs["covidseg_weights_format"] = 1
         f.attrs["metadata"] = json.dumps({"epoch": 3})
     s = parent_summary(parent, str(init))

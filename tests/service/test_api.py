@@ -6,11 +6,11 @@ import requests
 
 
 def test_token_cli_create_list_revoke(stack, monkeypatch, capsys):
-    """`covidseg token create|list|revoke` (shared.cli.service, run in-process against the stack's database)."""
+    """`covidseg token create|list|revoke` (cli.service, run in-process against the stack's database)."""
     import time
 
-    from shared.cli import CLIError
-    from shared.cli.service import main
+    from cli import CLIError
+    from cli.service import main
     for k, v in stack.env.items():
         monkeypatch.setenv(k, v)
     assert main(["token", "create", "--name", "revoke-me", "--quiet"]) == 0

@@ -13,7 +13,7 @@ import pytest
 import requests
 from sqlalchemy import select, update
 
-from shared import db
+from shared.service import db
 
 # every object the service may write (other test modules share the bucket: studies live under studies/<id>/)
 KEY_RE = re.compile(r"^(inputs/[0-9a-f]{32}|results/[0-9a-f]{32}/(mask|probability|overlay)\.png"

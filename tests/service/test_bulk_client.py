@@ -1,4 +1,4 @@
-"""The overnight bulk client (`covidseg submit` / `covidseg fetch`, shared/cli/bulk.py) against the real stack
+"""The overnight bulk client (`covidseg submit` / `covidseg fetch`, cli/bulk.py) against the real stack
 (gunicorn API, Celery workers, Redis, SeaweedFS, SQLite).
 
 Studies are tiny (3-5 real CT slices from tests/fixtures, as DICOM series built with pydicom and NIfTI volumes
@@ -78,7 +78,7 @@ def client_env(token: str | None, **extra) -> dict:
 
 
 def covidseg(args, env, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -109,7 +109,7 @@ def token(stack):
 
 # --- tests without the stack ---------------------------------------------------------------------------------
 def test_scan_names_keys_and_deterministic_zip(tmp_path):
-    from shared.cli.bulk import idempotency_key, scan_studies, write_study_zip
+    from cli.bulk import idempotency_key, scan_studies, write_study_zip
 
     root = tmp_path / "night"
     expected = make_studies(root)
@@ -137,7 +137,7 @@ def test_scan_names_keys_and_deterministic_zip(tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path, monkeypatch, capsys):
-    from shared import cli
+    import cli
 
     monkeypatch.delenv("COVIDSEG_TOKEN", raising=False)
     monkeypatch.delenv("COVIDSEG_SERVER", raising=False)
@@ -202,7 +202,7 @@ def test_killed_half_way_then_resumed_every_study_exactly_once(stack, token, tmp
     # run 1: stopped (then SIGKILLed) after the server accepted the 2nd study, before the manifest recorded it
     err_path = tmp_path / "run1.err"
     with open(err_path, "w") as err, open(tmp_path / "run1.out", "w") as outf:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *map(str, args)], cwd=REPO, stdout=outf,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, stdout=outf,
                                 stderr=err, env=client_env(token, COVIDSEG_BULK_PAUSE_AFTER=2),
                                 start_new_session=True)
     try:
@@ -234,7 +234,7 @@ def test_killed_half_way_then_resumed_every_study_exactly_once(stack, token, tmp
     assert {s["id"] for s in on_server} == {e["study_id"] for e in entries.values()}
     from sqlalchemy import select
 
-    from shared import db
+    from shared.service import db
     with stack.Session() as session:
         keys = session.execute(select(db.Study.idempotency_key).where(
             db.Study.id.in_([e["study_id"] for e in entries.values()]))).scalars().all()

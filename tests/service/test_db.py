@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import inspect, select, update
 
-from shared import db
+from shared.service import db
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

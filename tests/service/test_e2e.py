@@ -92,7 +92,7 @@ def test_batch_of_20_reaches_100_percent(stack, slice_paths):
     # with its own model) runs two of them at once, so the jobs name two different processes
     from sqlalchemy import select
 
-    from shared import db
+    from shared.service import db
     with stack.Session() as session:
         workers = set(session.execute(select(db.Job.worker).where(db.Job.batch_id == body["batch_id"])).scalars())
     assert stack.settings.worker_concurrency == 2

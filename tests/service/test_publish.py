@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import select
 
 from api.publish import Publisher
-from shared import db
-from shared.celery_app import make_celery
-from shared.settings import Settings
+from shared.service import db
+from shared.service.celery_app import make_celery
+from shared.service.settings import Settings
 from worker.sweep import _job_ids_of_message
 
 

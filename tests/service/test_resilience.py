@@ -8,7 +8,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from shared import db
+from shared.service import db
 
 pytestmark = pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
 

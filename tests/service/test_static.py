@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings, SettingsError, env_name, settings_fields
+from shared.service.settings import Settings, SettingsError, env_name, settings_fields
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,9 +66,9 @@ def test_docker_compose_services_and_env_match_settings():
 def test_api_never_imports_tensorflow():
     code = ("import sys, os; os.environ['COVIDSEG_DATABASE_URL']='sqlite://'\n"
             "from api import create_app\n"
-            "import api.routes, api.uploads, api.openapi, shared.celery_app, shared.storage, shared.db\n"
+            "import api.routes, api.uploads, api.openapi, shared.service.celery_app, shared.service.storage, shared.service.db\n"
             "app = create_app(); c = app.test_client(); assert c.get('/healthz').status_code == 200\n"
-            "from api.uploads import check_upload; from shared.settings import get_settings\n"
+            "from api.uploads import check_upload; from shared.service.settings import get_settings\n"
             "check_upload(open('tests/fixtures/slices/covid_0300.png', 'rb').read(), 'x.png', get_settings())\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras',"
             " 'segmentation_models', 'worker'))\n"
@@ -127,7 +127,7 @@ def test_sweep_reads_job_ids_from_waiting_and_unacked_messages():
 
 
 def test_chunking_keeps_batches_together():
-    from shared.celery_app import chunk_jobs
+    from shared.service.celery_app import chunk_jobs
     jobs = [(f"b{i}", "bulk", "B") for i in range(10)] + [("s1", "fast", None), ("s2", "fast", None)]
     chunks = chunk_jobs(jobs, 4)
     assert chunks[:3] == [("bulk", ["b0", "b1", "b2", "b3"]), ("bulk", ["b4", "b5", "b6", "b7"]),

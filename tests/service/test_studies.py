@@ -20,7 +20,7 @@ import pytest
 from core.helpers import FIXTURE_SLICES, fixture_slice_hu    # tests/core/helpers.py (tests/ is on sys.path)
 from sqlalchemy import select, update
 
-from shared import db
+from shared.service import db
 
 REPO = Path(__file__).resolve().parents[2]
 SLICES = REPO / "tests" / "fixtures" / "slices"
@@ -142,7 +142,7 @@ def _load_nifti(data: bytes):
 
 def _expected_dicom_volume(files: list[bytes], tmp_path: Path):
     """The volume the service should see: the series read locally with the project's own DICOM reader."""
-    from shared.imageio import read_dicom_series
+    from shared.core.imageio import read_dicom_series
     folder = tmp_path / "series"
     folder.mkdir(exist_ok=True)
     for i, data in enumerate(files):
@@ -234,7 +234,7 @@ def test_dicom_zip_end_to_end_deidentified_and_shuffled_order_gives_the_same_rep
     assert not stack.storage.exists(f"studies/{sid}/upload")         # the raw upload is never stored
 
     # the DICOM SEG: downloadable as an attachment, on the stored (de-identified) slices, equal to the NIfTI mask
-    from shared.dicom_seg import INFECTION, read_dicom_seg_masks
+    from shared.core.dicom_seg import INFECTION, read_dicom_seg_masks
     assert report["dicom_seg"] == "mask.seg.dcm", report["warnings"]
     seg = stack.get(study["links"]["dicom_seg"])
     assert seg.status_code == 200 and seg.headers["Content-Type"] == "application/dicom"
@@ -510,7 +510,7 @@ def test_web_page_and_admin_dashboard_show_studies(stack):
     assert requests.get(stack.url + "/api/v1/admin/studies", timeout=30).status_code == 401
 
     user, password = f"studies-admin-{stack.backend}", "a long admin password 9"
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "admin", "create", user, "--password-stdin"],
+    out = subprocess.run([sys.executable, "-m", "cli", "admin", "create", user, "--password-stdin"],
                          input=password + "\n", text=True, capture_output=True, cwd=REPO,
                          env=localstack.service_env(stack.env), timeout=120)
     assert out.returncode == 0 or "exists" in (out.stdout + out.stderr), out.stdout + out.stderr
@@ -546,7 +546,7 @@ def test_web_page_and_admin_dashboard_show_studies(stack):
 def test_openapi_documents_every_study_route():
     from api import create_app
     from api.openapi import spec
-    from shared.settings import Settings
+    from shared.service.settings import Settings
     app = create_app(Settings.from_env({"COVIDSEG_DATABASE_URL": "sqlite://"}))
     paths = spec()["paths"]
     rules = [r for r in app.url_map.iter_rules() if r.endpoint.startswith("studies.")]
@@ -589,7 +589,7 @@ def test_the_sweep_recognises_study_messages_in_the_broker():
 
 
 def test_time_limits_fit_a_600_slice_study_below_the_visibility_timeout():
-    from shared.settings import Settings
+    from shared.service.settings import Settings
     s = Settings()
     soft, hard = s.study_time_limits(600)
     assert soft >= 600 * 1.0 and soft < hard < s.broker_visibility_timeout

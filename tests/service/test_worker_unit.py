@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from shared import db
-from shared.storage import StorageError
+from shared.service import db
+from shared.service.storage import StorageError
 
 
 class _FakeStorage:

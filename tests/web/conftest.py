@@ -13,8 +13,8 @@ ADMIN = ("alice", "correct horse battery staple")
 @pytest.fixture(scope="module")
 def web_settings(tmp_path_factory, redis_server, s3_server):
     import localstack
-    from shared.settings import Settings
-    from shared.storage import Storage
+    from shared.service.settings import Settings
+    from shared.service.storage import Storage
 
     url = f"sqlite:///{tmp_path_factory.mktemp('webdb') / 'web.db'}"
     localstack.migrate(url)
@@ -30,7 +30,7 @@ def web_settings(tmp_path_factory, redis_server, s3_server):
 @pytest.fixture(scope="module")
 def app(web_settings):
     from api import create_app
-    from shared import admin_users
+    from shared.service import admin_users
     application = create_app(web_settings)
     application.config["TESTING"] = True
     svc = application.extensions["covidseg"]
@@ -76,7 +76,7 @@ def admin_client(client):
 @pytest.fixture
 def make_job(svc):
     """Insert a job row directly (the API's own submission path is tested in tests/service)."""
-    from shared import db
+    from shared.service import db
 
     with svc.Session() as session:
         token_row, _ = db.create_token(session, "web-tests")

@@ -17,7 +17,7 @@ def _csrf_headers(client, **extra):
 
 # --- login --------------------------------------------------------------------------------------------------------
 def test_password_is_stored_as_scrypt_hash_only(svc):
-    from shared.admin_users import AdminUser
+    from shared.service.admin_users import AdminUser
     with svc.Session() as session:
         user = session.scalar(select(AdminUser).where(AdminUser.username == ADMIN[0]))
     assert user.password_hash.startswith("scrypt:")
@@ -53,7 +53,7 @@ def test_login_sets_httponly_samesite_cookie_and_ends_on_logout(client, svc):
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     sid = cookie.split(";")[0].split("=", 1)[1]
     # only the hash of the session id is stored
-    from shared.admin_users import AdminSession
+    from shared.service.admin_users import AdminSession
     with svc.Session() as session:
         hashes = session.scalars(select(AdminSession.session_hash)).all()
     assert sid not in hashes and len(hashes) >= 1
@@ -82,7 +82,7 @@ def test_login_form_needs_its_csrf_token(client):
 
 
 def test_failed_logins_are_throttled(client, svc):
-    from shared import admin_users
+    from shared.service import admin_users
     with svc.Session() as session:
         if admin_users.get_user(session, "frank") is None:
             admin_users.create_admin(session, "frank", "franks long password")
@@ -109,7 +109,7 @@ def test_next_parameter_is_not_an_open_redirect(client):
 
 
 def test_disabled_admin_loses_session(admin_client, svc):
-    from shared import admin_users
+    from shared.service import admin_users
     with svc.Session() as session:
         admin_users.create_admin(session, "bob", "another long password")
         session.commit()
@@ -125,7 +125,7 @@ def test_disabled_admin_loses_session(admin_client, svc):
 
 # --- CSRF on state-changing admin API calls ---------------------------------------------------------------------
 def test_retry_requires_csrf_token_and_same_origin(admin_client, make_job, svc):
-    from shared import db
+    from shared.service import db
     jid = make_job("failed", error="input missing")
     url = f"/api/v1/admin/jobs/{jid}/retry"
     assert admin_client.post(url).status_code == 403
@@ -176,7 +176,7 @@ def test_cancel(admin_client, make_job):
 
 # --- listing, filters, pagination ---------------------------------------------------------------------------------
 def test_list_filters_search_and_pagination(admin_client, make_job):
-    from shared import db
+    from shared.service import db
     batch = db.new_id()
     old_failed = make_job("failed", created_ago=timedelta(days=3), error="old")
     failed = [make_job("failed", error=f"boom {i}") for i in range(3)]
@@ -300,7 +300,7 @@ def test_upload_page_has_labels_for_every_control(client):
 # --- CLI ----------------------------------------------------------------------------------------------------------
 def _cli(argv, stdin_text, monkeypatch, capsys):
     """`covidseg ...` in-process: the console script's own entry point and error handling."""
-    from shared.cli import main
+    from cli import main
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin_text))
     rc = main(argv)
     out = capsys.readouterr()
@@ -308,7 +308,7 @@ def _cli(argv, stdin_text, monkeypatch, capsys):
 
 
 def test_cli_admin_create_list_reset(web_settings, svc, monkeypatch, capsys):
-    from shared import admin_users
+    from shared.service import admin_users
     url = ["--database-url", web_settings.database_url]
     rc, out = _cli(["admin", *url, "create", "carol", "--password-stdin"], "a password long enough\n",
                    monkeypatch, capsys)

@@ -1,7 +1,7 @@
 """Reading CT slices and volumes: PNG/JPEG/TIFF/BMP files and bytes, DICOM (single file or series folder), NIfTI.
 
 - 2-D images come back as 2-D grayscale arrays (uint8 for 8-bit files, uint16 for 16-bit PNG/TIFF, the
-  lung-windowed uint8 for DICOM CT). `shared.preprocessing.preprocess` accepts all of them.
+  lung-windowed uint8 for DICOM CT). `shared.core.preprocessing.preprocess` accepts all of them.
 - Volumes come back as a `Volume`: a stack of axial slices in display orientation (rows = anterior -> posterior,
   columns = patient right -> left, like a radiology viewer and like DICOM's usual axial pixel order) plus the
   geometry needed to write a mask back over the *original* voxel grid (`Volume.mask_to_nifti`).
@@ -359,7 +359,7 @@ def _decode_dicom_2d(data: bytes, window) -> np.ndarray:
         return cv2.cvtColor(np.ascontiguousarray(arr[..., :3]).astype(np.uint8), cv2.COLOR_RGB2GRAY)
     if _dicom_is_ct_like(ds) and window is not None:
         return window_to_uint8(dicom_to_hu(ds, arr), *window)
-    from shared.preprocessing import minmax_uint8
+    from shared.core.preprocessing import minmax_uint8
 
     out = arr if arr.dtype == np.uint8 else minmax_uint8(arr)
     if photometric == "MONOCHROME1":
@@ -394,7 +394,7 @@ class Volume:
     source_affine: np.ndarray | None = None
     source_shape: tuple | None = None
     source_header: object = None
-    # DICOM series: the slices' headers (no pixel data) in slice order, for DICOM SEG output (shared.dicom_seg)
+    # DICOM series: the slices' headers (no pixel data) in slice order, for DICOM SEG output (shared.core.dicom_seg)
     source_datasets: list | None = field(default=None, repr=False)
     _to_source: np.ndarray | None = field(default=None, repr=False)
 
@@ -414,7 +414,7 @@ class Volume:
 
     def slice_images(self, window: tuple[float, float] | None = LUNG_WINDOW) -> list[np.ndarray]:
         """The slices as uint8 images: lung window for HU volumes, per-slice min-max otherwise / window=None."""
-        from shared.preprocessing import minmax_uint8
+        from shared.core.preprocessing import minmax_uint8
 
         if self.is_hu and window is not None:
             return [window_to_uint8(s, *window) for s in self.slices]

@@ -15,7 +15,7 @@ import functools
 import cv2
 import numpy as np
 
-from shared.preprocessing import to_gray_uint8
+from shared.core.preprocessing import to_gray_uint8
 
 #: PNG zlib level: 1 is OpenCV's fastest setting; masks and probability maps compress well anyway.
 PNG_COMPRESSION = 1

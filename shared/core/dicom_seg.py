@@ -84,7 +84,7 @@ def build_dicom_seg(volume, masks: list[tuple[Segment, np.ndarray]], *, model_na
                     software_version: str = "", series_description: str = "covidseg segmentation"):
     """A highdicom Segmentation (pydicom Dataset) of `masks` on `volume`'s DICOM series.
 
-    `volume`: a `shared.imageio.Volume` read from a DICOM series (its `source_datasets`, in slice order).
+    `volume`: a `shared.core.imageio.Volume` read from a DICOM series (its `source_datasets`, in slice order).
     `masks`: (segment, (n_slices, rows, cols) array, > 0 = inside) pairs on the volume's display grid.
     Raises DicomSegError when the volume has no DICOM source or a mask's shape differs from the volume's.
     """

@@ -3,7 +3,7 @@
 Entry points:
 
     segment_lungs(slices_u8, include=None)  8-bit slices (any sizes) -> bool masks; learned U-Net when its weights
-                                          are present (`shared.lung_model`), the classical recipe below otherwise
+                                          are present (`shared.core.lung_model`), the classical recipe below otherwise
     lung_mask_slice(gray)                 classical, 8-bit display slice (PNG/JPEG, any size) -> bool (H, W)
     lung_mask_hu(volume_hu, spacing)      classical, HU volume (Z, Y, X) from DICOM/NIfTI        -> bool (Z, Y, X)
     split_sides(mask, midline=None)       -> (image-left part, image-right part)
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from shared.preprocessing import minmax_uint8, to_gray_uint8
+from shared.core.preprocessing import minmax_uint8, to_gray_uint8
 
 #: Side (longest) of the working grid of 8-bit slices: the parameters were tuned at 256 px (covid19-ct-seg-256).
 WORK_SIZE = 256
@@ -281,7 +281,7 @@ def lung_mask_slice(gray: np.ndarray, include: np.ndarray | None = None,
                     params: LungParams = DEFAULT_PARAMS) -> np.ndarray:
     """8-bit display slice (any size; colour is converted to gray) -> bool lung mask of the same (H, W).
 
-    Lungs are the dark regions inside the body. The image is min-max normalised like `shared.preprocessing`,
+    Lungs are the dark regions inside the body. The image is min-max normalised like `shared.core.preprocessing`,
     worked on at 256 px (longest side), and the mask is resized back. `include`: optional (H, W) mask (e.g. the
     predicted infection) whose components touching the lung are merged into it.
 
@@ -529,7 +529,7 @@ def lung_mask_from_probability(prob: np.ndarray, include=None, threshold: float 
 def lung_method(weights=None) -> str:
     """What `segment_lungs(method="auto", weights=weights)` uses: "learned" when the weights load, else
     "classical" (for reports)."""
-    from shared.lung_model import get_lung_model_or_none
+    from shared.core.lung_model import get_lung_model_or_none
 
     return "learned" if get_lung_model_or_none(weights) is not None else "classical"
 
@@ -538,7 +538,7 @@ def segment_lungs(slices_u8, include=None, *, method: str = "auto", weights=None
                   batch_size: int = 16) -> list[np.ndarray]:
     """8-bit slices (each any size, gray or colour) -> list of bool lung masks, each at its slice's own size.
 
-    The entry point for whole studies. method="auto": the learned lung U-Net (`shared.lung_model`, weights
+    The entry point for whole studies. method="auto": the learned lung U-Net (`shared.core.lung_model`, weights
     `weights` or the shipped `weights/covidseg-lung-unet-small.h5`) when its weights load, the classical
     `lung_mask_slice` otherwise (e.g. the file is missing); "learned" raises FileNotFoundError without weights;
     "classical" never touches TensorFlow. Slices should show the whole body cross-section (a lung window or a
@@ -554,7 +554,7 @@ def segment_lungs(slices_u8, include=None, *, method: str = "auto", weights=None
         return []
     model = None
     if method != "classical":
-        from shared.lung_model import get_lung_model, get_lung_model_or_none
+        from shared.core.lung_model import get_lung_model, get_lung_model_or_none
 
         model = get_lung_model(weights) if method == "learned" else get_lung_model_or_none(weights)
     if model is None:

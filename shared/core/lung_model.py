@@ -5,9 +5,9 @@
     LungModel.load(path).predict(slices)   -> list of float32 lung probabilities, each at its slice's own size
 
 Input: the slice is padded to a square with its own darkest value (air; keeps the anatomy's aspect ratio), then
-goes through `shared.preprocessing.preprocess` (the one recipe of the infection model: resize, per-image min-max,
+goes through `shared.core.preprocessing.preprocess` (the one recipe of the infection model: resize, per-image min-max,
 CLAHE) at LUNG_INPUT_SIZE. Lung masks are smooth, so a 128-pixel grid loses little against the 256-pixel experts'
-masks and trains in minutes on a CPU. TensorFlow is imported lazily: `shared.lung` stays importable without it.
+masks and trains in minutes on a CPU. TensorFlow is imported lazily: `shared.core.lung` stays importable without it.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.model import REPO_ROOT, load_weights
-from shared.preprocessing import preprocess, to_gray_uint8
+from shared.core.model import REPO_ROOT, load_weights
+from shared.core.preprocessing import preprocess, to_gray_uint8
 
-#: Shipped weights of the learned lung model (float16, `shared.model.save_weights` format).
+#: Shipped weights of the learned lung model (float16, `shared.core.model.save_weights` format).
 LUNG_WEIGHTS = REPO_ROOT / "weights" / "covidseg-lung-unet-small.h5"
 #: Side of the square model input.
 LUNG_INPUT_SIZE = 128

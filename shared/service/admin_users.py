@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ForeignKey, Index, Integer, String, Text, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base, BigIntPK, UTCDateTime, utcnow
+from shared.service.db import Base, BigIntPK, UTCDateTime, utcnow
 
 PASSWORD_METHOD = "scrypt:32768:8:1"
 MIN_PASSWORD_LENGTH = 12

@@ -235,5 +235,5 @@ def get_settings() -> Settings:
     return Settings.from_env()
 
 
-if __name__ == "__main__":  # `python -m shared.settings` prints the table for docs/SERVICE.md
+if __name__ == "__main__":  # `python -m shared.service.settings` prints the table for docs/SERVICE.md
     print(settings_markdown_table())

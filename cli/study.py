@@ -1,7 +1,7 @@
 """`covidseg study`: whole CT studies on this machine, with the same code path as the service's study worker.
 
 Each INPUT is one study: a DICOM series folder, a .zip of a DICOM series, a single DICOM file, or a
-.nii/.nii.gz volume. Every input is unpacked and checked (shared.study.unpack_study_upload) before the model
+.nii/.nii.gz volume. Every input is unpacked and checked (shared.core.study.unpack_study_upload) before the model
 loads, so a broken study fails in seconds with `error: ...` and exit code 2. Results go to OUT/<name>/:
 report.json, mask.nii.gz, lung_mask.nii.gz, summary.png, overlays/NNNN.png.
 """
@@ -11,12 +11,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shared.cli import CLIError
+from cli import CLIError
 
 
 def _upload_from_path(path: Path) -> list[tuple[str, bytes]]:
     """A local input as the (name, bytes) pairs a client would upload; folders keep only their DICOM files."""
-    from shared.imageio import sniff_format
+    from shared.core.imageio import sniff_format
 
     if not path.exists():
         raise CLIError(f"{path}: no such file or folder")
@@ -42,8 +42,8 @@ def _fmt(v, unit="", digits=1) -> str:
 def cmd_study(args) -> int:
     from tqdm import tqdm
 
-    from shared import study
-    from shared.cli.core import _check_weights, _stem, _unique_name, _write_bytes, make_segmenter
+    from shared.core import study
+    from cli.core import _check_weights, _stem, _unique_name, _write_bytes, make_segmenter
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -92,7 +92,7 @@ def cmd_study(args) -> int:
 
 
 def register(subparsers) -> None:
-    from shared.cli.core import _add_model_options
+    from cli.core import _add_model_options
 
     p = subparsers.add_parser(
         "study", help="whole CT studies: lesion and lung volume, percent involved, CT score, NIfTI masks",

@@ -64,8 +64,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
-from shared import dicom_seg
-from shared.cli import CLIError, int_at_least
+from shared.core import dicom_seg
+from cli import CLIError, int_at_least
 
 DEFAULT_MANIFEST = "covidseg-manifest.json"
 MANIFEST_FORMAT = "covidseg-bulk-manifest"

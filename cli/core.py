@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.cli import CLIError, int_at_least
+from cli import CLIError, int_at_least
 
 #: file name endings treated as 2-D images in folders (evaluate, predict, convert output)
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
@@ -23,7 +23,7 @@ FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm
 # shared helpers
 # --------------------------------------------------------------------------------------------------------------
 def _add_model_options(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    from shared.inference import BACKENDS
+    from shared.core.inference import BACKENDS
 
     p.add_argument("--weights", help="weights file (default: the shipped weights/covidseg-unet-resnet34.h5); "
                    "a predecessor's Keras .hdf5 works with --preprocessing seed")
@@ -51,7 +51,7 @@ def _threshold(text: str) -> float:
 
 def make_segmenter(args):
     """The Segmenter for these options (one per process and option set)."""
-    from shared.inference import get_segmenter
+    from shared.core.inference import get_segmenter
 
     weights = str(Path(args.weights).expanduser()) if getattr(args, "weights", None) else None
     return get_segmenter(weights, args.backend, args.preprocessing)
@@ -59,8 +59,8 @@ def make_segmenter(args):
 
 def _check_weights(args) -> None:
     """Fail fast (before TensorFlow loads) on a missing or non-weights file."""
-    from shared.inference import inspect_weights
-    from shared.model import DEFAULT_WEIGHTS
+    from shared.core.inference import inspect_weights
+    from shared.core.model import DEFAULT_WEIGHTS
 
     inspect_weights(Path(args.weights).expanduser() if args.weights else DEFAULT_WEIGHTS)
 
@@ -86,7 +86,7 @@ def _image_files(folder, option: str) -> dict[str, Path]:
 
 def _dims(path: Path) -> tuple[int, int]:
     """(width, height) of an image file from its header (falls back to decoding for BMP)."""
-    from shared.imageio import ImageDecodeError, image_dimensions, read_image
+    from shared.core.imageio import ImageDecodeError, image_dimensions, read_image
 
     data = path.read_bytes()
     if not data:
@@ -132,8 +132,8 @@ def _fmt(v, digits=4) -> str:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
-    from shared import imageio
-    from shared.render import infected_fraction, mask_png, overlay_png, probability_png
+    from shared.core import imageio
+    from shared.core.render import infected_fraction, mask_png, overlay_png, probability_png
 
     window = imageio.parse_window(args.window)
     out = Path(args.out)
@@ -230,7 +230,7 @@ def cmd_predict(args) -> int:
 
 def _write_dicom_seg(folder: Path, vol, mask, seg) -> tuple[str | None, str | None]:
     """Write the infection mask as a DICOM SEG on the input series: (path, None), or (None, why) and a warning."""
-    from shared import dicom_seg
+    from shared.core import dicom_seg
 
     data, why = dicom_seg.dicom_seg_or_reason(vol, [(dicom_seg.INFECTION, mask)], weights=seg.weights,
                                               digest=seg.digest, backend=seg.backend)
@@ -265,7 +265,7 @@ def _register_predict(sub) -> None:
 # --------------------------------------------------------------------------------------------------------------
 def _read_probability(path: Path) -> np.ndarray:
     """Probability/mask image -> float32 in [0, 1] (uint8 /255, uint16 /65535, float as is)."""
-    from shared.imageio import read_image
+    from shared.core.imageio import read_image
 
     img = read_image(path, window=None)
     if img.dtype == np.uint8:
@@ -310,9 +310,9 @@ def cmd_evaluate(args) -> int:
     import cv2
     from tqdm import tqdm
 
-    from shared.imageio import read_image
-    from shared.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
-    from shared.render import probability_u8
+    from shared.core.imageio import read_image
+    from shared.core.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
+    from shared.core.render import probability_u8
 
     masks = _image_files(args.masks, "--masks")
     preds = _image_files(args.predictions, "--predictions") if args.predictions else None
@@ -413,8 +413,8 @@ def write_report(folder: Path, result: dict, agg: dict, keep: dict, info: dict, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from shared.metrics import SUMMARY_KEYS
-    from shared.render import overlay_image
+    from shared.core.metrics import SUMMARY_KEYS
+    from shared.core.render import overlay_image
 
     folder.mkdir(parents=True, exist_ok=True)
     ranked = sorted(result["per_image"], key=lambda r: (r["dice"], r["name"]))
@@ -494,8 +494,8 @@ def cmd_convert(args) -> int:
     import cv2
     from tqdm import tqdm
 
-    from shared import imageio
-    from shared.preprocessing import resize_to_input
+    from shared.core import imageio
+    from shared.core.preprocessing import resize_to_input
 
     window = imageio.parse_window(args.window)
     if args.masks and len(args.masks) != len(args.volumes):
@@ -558,8 +558,8 @@ def cmd_convert(args) -> int:
 
 
 def _slice_u8(vol, k: int, window) -> np.ndarray:
-    from shared.imageio import window_to_uint8
-    from shared.preprocessing import minmax_uint8
+    from shared.core.imageio import window_to_uint8
+    from shared.core.preprocessing import minmax_uint8
 
     s = vol.slices[k]
     return window_to_uint8(s, *window) if (vol.is_hu and window is not None) else minmax_uint8(s)
@@ -598,7 +598,7 @@ def cmd_train(args) -> int:
     if not (args.images or args.covid_root or args.medseg_root) and not (Path(args.run_dir) / "state.json").exists():
         raise CLIError("no training data: give --covid-root/--medseg-root or --images/--masks")
     if args.init_weights:
-        from shared.inference import inspect_weights
+        from shared.core.inference import inspect_weights
 
         inspect_weights(args.init_weights)
     return train_lib.run(args)
@@ -617,7 +617,7 @@ def _register_train(sub) -> None:
 # bench
 # --------------------------------------------------------------------------------------------------------------
 def _register_bench(sub) -> None:
-    from shared import bench
+    from cli import bench
 
     p = sub.add_parser("bench", help="latency/throughput per backend vs the predecessor's per-request path",
                        description=(bench.__doc__ or "").split("\n")[0])

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from shared.settings import Settings
+from shared.service.settings import Settings
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -393,7 +393,7 @@ def requeue_stale(session, stale_after: float, max_attempts: int) -> tuple[list[
 class Study(Base):
     """One whole CT study, processed as one task on the bulk queue (worker/study_tasks.py).
 
-    Only non-identifying data is kept: `meta` is the whitelisted metadata of shared.study.unpack_study_upload
+    Only non-identifying data is kept: `meta` is the whitelisted metadata of shared.core.study.unpack_study_upload
     (modality, shape, spacing, orientation, series count, a salted hash of the series UID) and `report` the
     numbers of report.json. Patient names, IDs, dates and client file names never reach this table.
     `idempotency_key` is unique per token: a retried upload with the same key answers with the same study.

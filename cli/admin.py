@@ -5,7 +5,7 @@
     covidseg admin disable NAME           # the admin can no longer log in; ends open sessions
     covidseg admin list
 
-Passwords are hashed with scrypt (shared.admin_users); they are never accepted as a command-line argument (they
+Passwords are hashed with scrypt (shared.service.admin_users); they are never accepted as a command-line argument (they
 would land in the shell history and in `ps`). The database is COVIDSEG_DATABASE_URL (or --database-url); its
 schema comes from `make migrate`. Bad input (existing or unknown name, short password) -> `error: ...`, exit 2.
 """
@@ -38,14 +38,14 @@ def register(subparsers) -> None:
 
 
 def _session_factory(args):
-    from shared.db import make_engine, make_sessionmaker
-    from shared.settings import Settings
+    from shared.service.db import make_engine, make_sessionmaker
+    from shared.service.settings import Settings
     url = getattr(args, "database_url", None) or Settings.from_env().database_url
     return make_sessionmaker(make_engine(url))
 
 
 def _error(message: str):
-    from shared.cli import CLIError
+    from cli import CLIError
     return CLIError(message)
 
 
@@ -63,7 +63,7 @@ def _read_password(args) -> str:
 
 
 def _save(args, replace: bool) -> int:
-    from shared.admin_users import AdminError, create_admin
+    from shared.service.admin_users import AdminError, create_admin
     password = _read_password(args)
     S = _session_factory(args)
     try:
@@ -77,7 +77,7 @@ def _save(args, replace: bool) -> int:
 
 
 def _cmd_create(args) -> int:
-    from shared.admin_users import get_user
+    from shared.service.admin_users import get_user
     with _session_factory(args)() as session:
         if get_user(session, args.username) is not None:
             raise _error(f"admin {args.username!r} already exists (use `covidseg admin reset-password`)")
@@ -85,7 +85,7 @@ def _cmd_create(args) -> int:
 
 
 def _cmd_reset(args) -> int:
-    from shared.admin_users import get_user
+    from shared.service.admin_users import get_user
     with _session_factory(args)() as session:
         if get_user(session, args.username) is None:
             raise _error(f"no admin {args.username!r}")
@@ -93,7 +93,7 @@ def _cmd_reset(args) -> int:
 
 
 def _cmd_disable(args) -> int:
-    from shared.admin_users import disable_admin
+    from shared.service.admin_users import disable_admin
     with _session_factory(args)() as session:
         ok = disable_admin(session, args.username)
         session.commit()
@@ -105,7 +105,7 @@ def _cmd_disable(args) -> int:
 
 def _cmd_list(args) -> int:
     from sqlalchemy import select
-    from shared.admin_users import AdminUser
+    from shared.service.admin_users import AdminUser
     with _session_factory(args)() as session:
         rows = session.scalars(select(AdminUser).order_by(AdminUser.username)).all()
     for u in rows:
@@ -116,8 +116,8 @@ def _cmd_list(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m shared.cli.admin ...` == `covidseg admin ...` (same parser and error handling)."""
-    from shared.cli import main as cli_main
+    """`python -m cli.admin ...` == `covidseg admin ...` (same parser and error handling)."""
+    from cli import main as cli_main
     return cli_main(["admin", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 #: Root of the repository (weights/ lives there).
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "covidseg-unet-resnet34.h5"
 #: Marker attribute of our compact weights format (see `save_weights`).
 _FORMAT_ATTR = "covidseg_weights_format"

@@ -8,7 +8,7 @@
     covidseg service settings             # the effective settings (secrets masked)
 
 The database is COVIDSEG_DATABASE_URL (or --database-url); its schema comes from `make migrate`.
-Also runnable as `python -m shared.cli.service ...`.
+Also runnable as `python -m cli.service ...`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def _settings_of(args):
-    from shared.settings import Settings
+    from shared.service.settings import Settings
     s = Settings.from_env()
     if getattr(args, "database_url", None):
         s = s.replace(database_url=args.database_url)
@@ -54,12 +54,12 @@ def _settings_of(args):
 
 
 def _session_factory(args):
-    from shared.db import make_engine, make_sessionmaker
+    from shared.service.db import make_engine, make_sessionmaker
     return make_sessionmaker(make_engine(_settings_of(args)))
 
 
 def _token_create(args) -> int:
-    from shared.db import create_token
+    from shared.service.db import create_token
     with _session_factory(args)() as session:
         row, plain = create_token(session, args.name)
         session.commit()
@@ -73,7 +73,7 @@ def _token_create(args) -> int:
 def _token_list(args) -> int:
     from sqlalchemy import select
 
-    from shared.db import ApiToken
+    from shared.service.db import ApiToken
     with _session_factory(args)() as session:
         rows = session.execute(select(ApiToken).order_by(ApiToken.id)).scalars().all()
     print(f"{'id':>5}  {'prefix':12} {'name':24} {'created':20} {'last used':20} revoked")
@@ -87,7 +87,7 @@ def _token_list(args) -> int:
 def _token_revoke(args) -> int:
     from sqlalchemy import or_, update
 
-    from shared.db import ApiToken, utcnow
+    from shared.service.db import ApiToken, utcnow
     cond = [ApiToken.prefix == args.token]
     if args.token.isdigit():
         cond.append(ApiToken.id == int(args.token))
@@ -96,7 +96,7 @@ def _token_revoke(args) -> int:
                             .values(revoked_at=utcnow())).rowcount
         session.commit()
     if not n:
-        from shared.cli import CLIError
+        from cli import CLIError
         raise CLIError(f"no active token {args.token!r}")
     print(f"revoked {n} token(s)")
     return 0
@@ -105,7 +105,7 @@ def _token_revoke(args) -> int:
 def _migrate(args) -> int:
     from alembic import command
     from alembic.config import Config
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     cfg = Config(str(root / "alembic.ini"))
     cfg.set_main_option("sqlalchemy.url", _settings_of(args).database_url.replace("%", "%%"))
     command.upgrade(cfg, "head")
@@ -115,7 +115,7 @@ def _migrate(args) -> int:
 def _sweep(args) -> int:
     import redis
 
-    from shared.celery_app import make_celery
+    from shared.service.celery_app import make_celery
     from worker.sweep import sweep
     s = _settings_of(args)
     rep = sweep(s, _session_factory(args), make_celery(s), redis.Redis.from_url(s.broker_url, socket_timeout=5))

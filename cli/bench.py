@@ -75,7 +75,7 @@ def conv_flops(model) -> dict:
 
 
 def _slice_files(folder) -> list[Path]:
-    from shared.model import REPO_ROOT
+    from shared.core.model import REPO_ROOT
 
     root = Path(folder) if folder else REPO_ROOT / "tests" / "fixtures" / "slices"
     files = sorted(p for p in root.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
@@ -107,8 +107,8 @@ def seed_path(model, path: Path) -> bytes:
 
 def our_path(seg, datas: list[bytes]) -> list[tuple[bytes, bytes]]:
     """Our whole path for a batch of uploads: decode, preprocess + infer (batched), resize back, render PNGs."""
-    from shared.imageio import decode_image_bytes
-    from shared.render import mask_png, overlay_png
+    from shared.core.imageio import decode_image_bytes
+    from shared.core.render import mask_png, overlay_png
 
     grays = [decode_image_bytes(d) for d in datas]
     probs = seg.predict(grays, batch_size=len(grays))
@@ -116,9 +116,9 @@ def our_path(seg, datas: list[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 def run(args) -> int:
-    from shared.cli import CLIError
-    from shared.inference import BACKENDS, Segmenter, cpu_flags, inspect_weights
-    from shared.model import DEFAULT_WEIGHTS
+    from cli import CLIError
+    from shared.core.inference import BACKENDS, Segmenter, cpu_flags, inspect_weights
+    from shared.core.model import DEFAULT_WEIGHTS
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in BACKENDS or b == "auto"]
@@ -165,7 +165,7 @@ def run(args) -> int:
         jobs[(b, "path1")] = (lambda seg=seg: our_path(seg, datas[:1]), 1)
         jobs[(b, "path8")] = (lambda seg=seg: our_path(seg, datas8), 8)
     if not args.no_seed:
-        from shared.model import build_unet, load_weights
+        from shared.core.model import build_unet, load_weights
 
         with contextlib.redirect_stdout(sys.stderr):
             seed_model = build_unet(input_shape=(448, 448, 1))
@@ -236,7 +236,7 @@ def run(args) -> int:
 
 def _parallel_child(weights: str, backend: str, x8: np.ndarray, conn) -> None:
     """One process of ParallelModel: load the model, then run `n` batch-8 calls per request from the parent."""
-    from shared.inference import Segmenter
+    from shared.core.inference import Segmenter
 
     seg = Segmenter(weights, backend=backend, log=lambda m: None)
     seg.predict_model_input(x8)  # warm-up
@@ -283,7 +283,7 @@ class ParallelModel:
 
 
 def datas_to_gray(data: bytes) -> np.ndarray:
-    from shared.imageio import decode_image_bytes
+    from shared.core.imageio import decode_image_bytes
 
     return decode_image_bytes(data)
 

@@ -1,7 +1,7 @@
-"""The Celery application and its configuration (from shared.settings).
+"""The Celery application and its configuration (from shared.service.settings).
 
 The API imports this module only to *send* tasks by name; it never imports worker/ (and so never TensorFlow).
-Workers start with `celery -A shared.celery_app worker -Q <queue>`; `include` loads worker.tasks and
+Workers start with `celery -A shared.service.celery_app worker -Q <queue>`; `include` loads worker.tasks and
 worker.study_tasks in the worker only. Run one worker per queue so interactive work never waits behind bulk work:
 `-Q covidseg.interactive` and, at a lower CPU priority, `nice -n 10 ... -Q covidseg.bulk` (batches, studies).
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from shared.settings import Settings, get_settings
+from shared.service.settings import Settings, get_settings
 
 PROCESS_TASK = "covidseg.process_jobs"
 SWEEP_TASK = "covidseg.sweep"
@@ -86,7 +86,7 @@ def dispatch(app: Celery, session_factory, jobs, settings: Settings | None = Non
     Raises kombu/redis errors when the broker is unreachable; the jobs then stay queued with dispatched_at NULL
     and the recovery sweep publishes them later (an accepted job is never lost).
     """
-    from shared.db import mark_dispatched
+    from shared.service.db import mark_dispatched
 
     s = settings or app.conf.covidseg_settings
     sent = 0
@@ -110,7 +110,7 @@ def dispatch_studies(app: Celery, session_factory, studies, settings: Settings |
     Raises kombu/redis errors when the broker is unreachable; the studies then stay queued with dispatched_at
     NULL and the recovery sweep publishes them later.
     """
-    from shared.db import mark_studies_dispatched
+    from shared.service.db import mark_studies_dispatched
 
     s = settings or app.conf.covidseg_settings
     sent = 0

@@ -3,7 +3,7 @@
 The path of one study (the same for `covidseg study` and the service's worker):
 
     meta = unpack_study_upload(files, folder)          # what a client sent -> normalised, de-identified folder
-    volume = load_study(folder)                          # -> shared.imageio.Volume (HU, geometry kept)
+    volume = load_study(folder)                          # -> shared.core.imageio.Volume (HU, geometry kept)
     analysis = analyse_study(volume, segmenter, progress=..., should_stop=...)
     for name, data, content_type in study_outputs(volume, analysis): store(name, data)
 
@@ -36,9 +36,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared import imageio
-from shared.dicom_seg import FILE_NAME as DICOM_SEG_FILE
-from shared.imageio import ImageDecodeError, Volume
+from shared.core import imageio
+from shared.core.dicom_seg import FILE_NAME as DICOM_SEG_FILE
+from shared.core.imageio import ImageDecodeError, Volume
 
 #: Default caps of one upload: files (DICOM files + zip members) and bytes (uploaded + unpacked).
 DEFAULT_MAX_FILES = 3000
@@ -335,7 +335,7 @@ def _unpack_nifti(blob: _Blob, dest: Path, deidentify: bool, max_bytes: int, max
         raise StudyError(f"{blob.label}: unsupported NIfTI voxel type {data.dtype} (expected a grayscale CT)")
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         raise StudyError(f"{blob.label}: the volume has NaN or infinite voxels")
-    # geometry of the display grid the study will be read on (shared.imageio.read_nifti)
+    # geometry of the display grid the study will be read on (shared.core.imageio.read_nifti)
     src_ornt = nib.orientations.io_orientation(affine)
     to_disp = nib.orientations.ornt_transform(src_ornt, nib.orientations.axcodes2ornt(imageio.DISPLAY_AXCODES))
     disp_affine = affine @ nib.orientations.inv_ornt_aff(to_disp, shape3)
@@ -689,7 +689,7 @@ def ct_score(percent: float | None) -> int | None:
 
 
 def _lung_method() -> str:
-    from shared import lung
+    from shared.core import lung
 
     describe = getattr(lung, "lung_method", None)
     if callable(describe):
@@ -697,7 +697,7 @@ def _lung_method() -> str:
             return str(describe())
         except Exception:  # noqa: BLE001 - a description must never fail an analysis
             pass
-    return "shared.lung.segment_lungs (lung-windowed 8-bit slices) with predicted infection merged"
+    return "shared.core.lung.segment_lungs (lung-windowed 8-bit slices) with predicted infection merged"
 
 
 def _patient_sides(volume: Volume) -> tuple[str, str]:
@@ -728,7 +728,7 @@ def analyse_study(volume: Volume, segmenter, *, batch_size: int = 8,
     """Segment infection and lungs in every slice and measure them.
 
     Slices are lung-windowed (HU volumes) and run through `segmenter.predict` `batch_size` at a time; the lung
-    masks of a batch are computed right after it (`shared.lung.segment_lungs`, with the predicted infection
+    masks of a batch are computed right after it (`shared.core.lung.segment_lungs`, with the predicted infection
     merged in, since dense consolidation is lung). `progress(done_slices, total_slices)` is called after every
     batch; `should_stop()` is asked before every batch and raises StudyCancelled when it returns True.
 
@@ -743,7 +743,7 @@ def analyse_study(volume: Volume, segmenter, *, batch_size: int = 8,
     the third letter of `orientation` (e.g. "LPS": index 0 is the most inferior slice); `lesion_voxels`,
     `lung_voxels`, `predicted_outside_lung_ml`, `is_hu`, `warnings`.
     """
-    from shared import lung as lung_lib
+    from shared.core import lung as lung_lib
 
     n = volume.n_slices
     if n == 0:
@@ -786,7 +786,7 @@ def _touching(inf: np.ndarray, lung: np.ndarray) -> np.ndarray:
 
 
 def _report(volume: Volume, infection, lung, predicted, segmenter, threshold) -> dict:
-    from shared import lung as lung_lib
+    from shared.core import lung as lung_lib
 
     dx, dy, dz = volume.spacing
     voxel_mm3 = float(dx * dy * dz)
@@ -850,8 +850,8 @@ LUNG_BGR = (80, 200, 80)
 
 
 def overlay_slice(gray: np.ndarray, analysis: StudyAnalysis, k: int) -> np.ndarray:
-    """BGR overlay of slice k: heatmap + infection outline (shared.render) and the lung outline in green."""
-    from shared.render import overlay_image
+    """BGR overlay of slice k: heatmap + infection outline (shared.core.render) and the lung outline in green."""
+    from shared.core.render import overlay_image
 
     out = overlay_image(gray, _view_probability(analysis, k))
     contours, _ = cv2.findContours(analysis.lung[k].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -928,7 +928,7 @@ def summary_png(volume: Volume, analysis: StudyAnalysis, images: list[np.ndarray
 
 
 def _dicom_seg_bytes(volume: Volume, analysis: StudyAnalysis) -> bytes | None:
-    from shared import dicom_seg
+    from shared.core import dicom_seg
 
     if not volume.source_datasets:
         return None
@@ -955,7 +955,7 @@ def study_outputs(volume: Volume, analysis: StudyAnalysis, *,
     A SEG that cannot be built is not a failed study: `analysis.report["dicom_seg"]` becomes None and the reason
     is added to its warnings before report.json is produced.
     """
-    from shared.render import _encode_png
+    from shared.core.render import _encode_png
 
     seg = _dicom_seg_bytes(volume, analysis)
     yield "report.json", json.dumps(analysis.report, indent=1, allow_nan=False).encode(), "application/json"

@@ -1,4 +1,4 @@
-"""The `covidseg` console script (also `python -m shared.cli`).
+"""The `covidseg` console script (also `python -m cli`).
 
 Commands live in modules listed in `COMMAND_MODULES`; each exposes `register(subparsers)` and adds its
 sub-commands with `subparsers.add_parser(...)` + `set_defaults(func=handler)`, where `handler(args) -> int`.
@@ -17,13 +17,13 @@ import os
 import sys
 import warnings
 
-#: Modules registering sub-commands, in help order. Other concerns append theirs (e.g. "shared.cli.service").
+#: Modules registering sub-commands, in help order. Other concerns append theirs (e.g. "cli.service").
 COMMAND_MODULES: list[str] = [
-    "shared.cli.core",
-    "shared.cli.service",
-    "shared.cli.admin",
-    "shared.cli.bulk",
-    "shared.cli.study",
+    "cli.core",
+    "cli.service",
+    "cli.admin",
+    "cli.bulk",
+    "cli.study",
 ]
 
 
@@ -61,7 +61,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def _user_error_types() -> tuple[type, ...]:
     types: list[type] = [CLIError]
-    for mod, name in (("shared.imageio", "ImageDecodeError"), ("shared.inference", "WeightsError")):
+    for mod, name in (("shared.core.imageio", "ImageDecodeError"), ("shared.core.inference", "WeightsError")):
         m = sys.modules.get(mod)
         if m is not None:
             types.append(getattr(m, name))

@@ -30,7 +30,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from shared.settings import Settings
+from shared.service.settings import Settings
 
 RESULT_KINDS = ("mask", "probability", "overlay")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")

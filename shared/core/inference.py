@@ -23,7 +23,7 @@ Backends
 
 Contract: `Segmenter(...).predict(images)` -> list of float32 (H, W) probability maps, each at its input's own
 size (the 448x448 output is resized back with INTER_LINEAR). Inputs are preprocessed with
-`shared.preprocessing.preprocess` (the same function training uses).
+`shared.core.preprocessing.preprocess` (the same function training uses).
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import model as model_lib  # sets SM_FRAMEWORK / TF_USE_LEGACY_KERAS before TensorFlow loads
-from shared.preprocessing import INPUT_SIZE, MODES, preprocess
+from shared.core import model as model_lib  # sets SM_FRAMEWORK / TF_USE_LEGACY_KERAS before TensorFlow loads
+from shared.core.preprocessing import INPUT_SIZE, MODES, preprocess
 
 BACKENDS = ("auto", "fp32", "bf16", "int8")
 #: "auto" keeps int8 only when its calibration-set Dice is within this of fp32's.
@@ -150,7 +150,7 @@ def calibration_pairs(mode: str, directory=None) -> list[tuple[str, np.ndarray, 
     """
     import cv2
 
-    from shared.imageio import IMAGE_SUFFIXES
+    from shared.core.imageio import IMAGE_SUFFIXES
 
     directory = directory or os.environ.get("COVIDSEG_CALIBRATION_DIR")
     root = Path(directory) if directory else model_lib.REPO_ROOT / "tests" / "fixtures"
@@ -245,12 +245,12 @@ def onnx_cache_paths(digest: str, mode: str, root: Path | None = None) -> dict[s
 
 def export_onnx(keras_model, out_path: Path, input_size: int = INPUT_SIZE) -> Path:
     """Keras model -> ONNX (opset 17, dynamic batch, fixed input_size^2 x 1) with the exact graph rewrites of
-    `shared.onnx_graph` applied, written atomically."""
+    `shared.core.onnx_graph` applied, written atomically."""
     import onnx
     import tensorflow as tf
     import tf2onnx
 
-    from shared import onnx_graph
+    from shared.core import onnx_graph
 
     spec = (tf.TensorSpec((None, input_size, input_size, 1), tf.float32, name="input"),)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +302,7 @@ def _dice_check(fp32_run, int8_run, pairs, mode: str) -> dict:
     """Mean per-image Dice (threshold 0.5, at the mask's size) of fp32 and int8 on the labelled pairs."""
     import cv2
 
-    from shared.metrics import dice_iou_counts
+    from shared.core.metrics import dice_iou_counts
 
     labelled = [(n, img, m) for n, img, m in pairs if m is not None]
     if not labelled:
@@ -509,11 +509,11 @@ class Segmenter:
 
     def predict_volume(self, volume, window=None, batch_size: int | None = None, progress: bool = False,
                        images: list | None = None) -> np.ndarray:
-        """`shared.imageio.Volume` -> float32 (n_slices, rows, cols) probabilities on the volume's display grid.
+        """`shared.core.imageio.Volume` -> float32 (n_slices, rows, cols) probabilities on the volume's display grid.
 
         HU volumes are lung-windowed (`window`, default level -600 / width 1500) before preprocessing.
         """
-        from shared.imageio import LUNG_WINDOW
+        from shared.core.imageio import LUNG_WINDOW
 
         if images is None:
             images = volume.slice_images(LUNG_WINDOW if window is None else window)

@@ -1,0 +1,6 @@
+"""`python -m cli ...` == `covidseg ...`."""
+import sys
+
+from cli import main
+
+sys.exit(main())

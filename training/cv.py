@@ -1,0 +1,160 @@
+"""Patient-group cross-validation of a training recipe: train each fold, evaluate it, tabulate.
+
+    python -m training.cv train    --recipe light16 --fold 0 --covid-root D --medseg-root M --run-root runs/cv
+    python -m training.cv evaluate --recipe light16 --covid-root D --medseg-root M --run-root runs/cv
+    python -m training.cv table    --run-root runs/cv --out docs/cv_results.md --json docs/cv_results.json
+
+The folds are fixed in `training/folds.json` (committed before any CV run). A recipe is a fixed set of
+`covidseg train` arguments, chosen before it is run; a fold's result is always its LAST epoch, never the epoch
+with the best validation score, so a recipe's CV number is what the same schedule gives on unseen patients.
+The final model of a recipe is the same schedule with `--fold all` (every slice, no validation).
+
+Each fold run is resumable (`train` again continues it) and lives in RUN_ROOT/<recipe>/fold<K>/.
+`evaluate` scores each finished fold's last.h5 on the fold's full held-out slices (fp32, threshold 0.5, Dice at
+each mask's own size: the protocol of `covidseg evaluate`) into metrics.json; `table` collects every recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+#: Recipes: name -> `covidseg train` arguments (the trainer's defaults for everything not named here).
+#: Add a recipe before running it; never edit one that has fold results.
+RECIPES: dict[str, dict] = {
+    # the shipped weights' recipe, condensed to one run: r1 used 36 epochs of the full profile, r2 then
+    # fine-tuned 4 epochs with the light one; the light profile from the start is the cheaper schedule
+    "light16": {"epochs": 16, "augment": "light", "lr": 1e-3, "steps_per_epoch": 150, "batch_size": 8,
+                "crop": 224, "val_limit": 64},
+}
+
+
+def fold_dir(run_root, recipe: str, fold) -> Path:
+    return Path(run_root) / recipe / (f"fold{fold}" if fold != "all" else "final")
+
+
+def train_argv(recipe: str, fold, covid_root, medseg_root, run_root) -> list[str]:
+    """The `covidseg train` argument list of one fold of `recipe`."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+    argv = ["--covid-root", str(covid_root), "--medseg-root", str(medseg_root),
+            "--run-dir", str(fold_dir(run_root, recipe, fold)), "--fold", str(fold)]
+    for key, value in RECIPES[recipe].items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def evaluate_fold(run_dir: Path, covid_root, medseg_root, batch_size: int = 8) -> dict:
+    """Score run_dir/last.h5 on its fold's held-out slices -> the metrics dict written to metrics.json."""
+    from shared.core import model as model_lib
+    from training import data
+    from training.publish import evaluate_samples
+
+    state = json.loads((run_dir / "state.json").read_text())
+    fold = state["args"]["fold"]
+    _, val_c, val_m = data.split(covid_root, medseg_root, fold=fold)
+    model = model_lib.build_unet()
+    model_lib.load_weights(model, run_dir / "last.h5")
+
+    def predict(x):
+        return model.predict_on_batch(x)[..., 0]
+
+    result = {"fold": fold, "epoch": state["epoch"], "epochs": state["args"]["epochs"],
+              "train_hours": round(state.get("train_seconds", 0.0) / 3600, 2),
+              "covid": evaluate_samples(predict, val_c, batch_size, desc=f"fold {fold} covid"),
+              "medseg": evaluate_samples(predict, val_m, batch_size, desc=f"fold {fold} medseg")}
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def collect(run_root) -> dict:
+    """{recipe: {"folds": {K: metrics}, "covid": (mean, sd), "medseg": (mean, sd), "hours": total}} of every
+    fold with a metrics.json under run_root."""
+    out = {}
+    for recipe_dir in sorted(p for p in Path(run_root).iterdir() if p.is_dir()):
+        folds = {}
+        for fd in sorted(recipe_dir.glob("fold*")):
+            if (fd / "metrics.json").is_file():
+                folds[fd.name[4:]] = json.loads((fd / "metrics.json").read_text())
+        if not folds:
+            continue
+        covid = [f["covid"]["mean_dice"] for f in folds.values()]
+        medseg = [f["medseg"]["mean_dice"] for f in folds.values()]
+        out[recipe_dir.name] = {"folds": folds, "covid": _mean_sd(covid), "medseg": _mean_sd(medseg),
+                                "hours": round(sum(f["train_hours"] for f in folds.values()), 2)}
+    return out
+
+
+def markdown_table(results: dict, k: int) -> str:
+    """One row per recipe: per-fold and mean ± sd (sample) of the per-image mean Dice, covid and MedSeg."""
+    head = ("| recipe | folds done | covid mean Dice per fold | covid mean ± sd | MedSeg mean Dice per fold | "
+            "MedSeg mean ± sd | CPU hours (training) |\n| --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for name, r in results.items():
+        per_c = ", ".join(f"{f}: {m['covid']['mean_dice']:.3f}" for f, m in r["folds"].items())
+        per_m = ", ".join(f"{f}: {m['medseg']['mean_dice']:.3f}" for f, m in r["folds"].items())
+        rows.append(f"| {name} | {len(r['folds'])} of {k} | {per_c} | {r['covid'][0]:.3f} ± {r['covid'][1]:.3f} | "
+                    f"{per_m} | {r['medseg'][0]:.3f} ± {r['medseg'][1]:.3f} | {r['hours']} |")
+    return "\n".join([head, *rows]) + "\n"
+
+
+def main(argv=None) -> int:
+    from training import data
+
+    p = argparse.ArgumentParser(prog="python -m training.cv", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "evaluate"):
+        s = sub.add_parser(name)
+        s.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+        s.add_argument("--covid-root", required=True)
+        s.add_argument("--medseg-root", required=True)
+        s.add_argument("--run-root", default="runs/cv")
+        if name == "train":
+            s.add_argument("--fold", required=True, help="fold number, or 'all' for the final model")
+    t = sub.add_parser("table")
+    t.add_argument("--run-root", default="runs/cv")
+    t.add_argument("--out", help="write the markdown table here")
+    t.add_argument("--json", help="write every fold's metrics here")
+    args = p.parse_args(argv)
+
+    k = len(data.load_folds())
+    if args.cmd == "train":
+        from training import train
+
+        if args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < k):
+            print(f"error: --fold must be 0-{k - 1} or 'all'", file=sys.stderr)
+            return 2
+        return train.main(train_argv(args.recipe, args.fold, args.covid_root, args.medseg_root, args.run_root))
+    if args.cmd == "evaluate":
+        done = 0
+        for fold in range(k):
+            fd = fold_dir(args.run_root, args.recipe, fold)
+            state = json.loads((fd / "state.json").read_text()) if (fd / "state.json").is_file() else None
+            if not state or state["epoch"] < state["args"]["epochs"]:
+                print(f"fold {fold}: not finished ({state['epoch'] if state else 0} epochs), skipped")
+                continue
+            r = evaluate_fold(fd, args.covid_root, args.medseg_root)
+            done += 1
+            print(f"fold {fold}: covid {r['covid']['mean_dice']:.4f} (n {r['covid']['n']}), "
+                  f"MedSeg {r['medseg']['mean_dice']:.4f} (n {r['medseg']['n']})")
+        return 0 if done else 1
+    results = collect(args.run_root) if Path(args.run_root).is_dir() else {}
+    table = markdown_table(results, k)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
