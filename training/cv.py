@@ -143,8 +143,8 @@ def main(argv=None) -> int:
                 continue
             r = evaluate_fold(fd, args.covid_root, args.medseg_root)
             done += 1
-            print(f"fold {fold}: covid {r['covid']['mean_dice']:.4f} (n {r['covid']['n']}), "
-                  f"MedSeg {r['medseg']['mean_dice']:.4f} (n {r['medseg']['n']})")
+            print(f"fold {fold}: covid {r['covid']['mean_dice']:.4f} (n {r['covid']['n_images']}), "
+                  f"MedSeg {r['medseg']['mean_dice']:.4f} (n {r['medseg']['n_images']})")
         return 0 if done else 1
     results = collect(args.run_root) if Path(args.run_root).is_dir() else {}
     table = markdown_table(results, k)

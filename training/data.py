@@ -62,12 +62,12 @@ def medseg_val_stems(root) -> list[str]:
 FOLDS_FILE = Path(__file__).with_name("folds.json")
 
 
-def load_folds(path=FOLDS_FILE) -> list[dict]:
-    """The folds of `path`: [{"covid_groups": [...], "medseg_stems": [...]}, ...]."""
-    return json.loads(Path(path).read_text())["folds"]
+def load_folds(path=None) -> list[dict]:
+    """The folds of `path` (default FOLDS_FILE): [{"covid_groups": [...], "medseg_stems": [...]}, ...]."""
+    return json.loads(Path(path or FOLDS_FILE).read_text())["folds"]
 
 
-def heldout_of(fold: int | str | None, medseg_root=None, folds_file=FOLDS_FILE) -> tuple[set[str], set[str]]:
+def heldout_of(fold: int | str | None, medseg_root=None, folds_file=None) -> tuple[set[str], set[str]]:
     """(held-out covid groups, held-out MedSeg stems) of a split.
 
     fold None: the fixed hold-out (COVID_VAL_GROUPS + the 15 seeded MedSeg images) the shipped weights up to
@@ -80,11 +80,12 @@ def heldout_of(fold: int | str | None, medseg_root=None, folds_file=FOLDS_FILE) 
     folds = load_folds(folds_file)
     k = int(fold)
     if not 0 <= k < len(folds):
-        raise ValueError(f"fold {fold} does not exist: {folds_file} has folds 0-{len(folds) - 1}")
+        raise ValueError(f"fold {fold} does not exist: {Path(folds_file or FOLDS_FILE).name} has folds "
+                         f"0-{len(folds) - 1}")
     return set(folds[k]["covid_groups"]), set(folds[k]["medseg_stems"])
 
 
-def split(covid_root=None, medseg_root=None, fold: int | str | None = None, folds_file=FOLDS_FILE):
+def split(covid_root=None, medseg_root=None, fold: int | str | None = None, folds_file=None):
     """-> (train, val_covid, val_medseg) lists of Sample for the split `fold` (see `heldout_of`)."""
     held_groups, held_stems = heldout_of(fold, medseg_root, folds_file)
     train, val_c, val_m = [], [], []

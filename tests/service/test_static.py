@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.service.settings import Settings, SettingsError, env_name, settings_fields
+from shared.service.settings import Settings, SettingsError, env_name, settings_fields, settings_markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,6 +24,11 @@ def test_every_setting_is_documented_with_a_default():
     doc = (REPO / "docs" / "SERVICE.md").read_text()
     missing = [name for name, *_ in rows if f"`{name}`" not in doc]
     assert missing == [], f"docs/SERVICE.md lacks {missing}; regenerate the table (see docs/SERVICE.md)"
+    # the whole table, defaults and meanings included, is the generated one: it cannot drift from the code
+    assert settings_markdown_table() in doc, "docs/SERVICE.md's settings table is stale: python -m shared.service.settings"
+    readme = (REPO / "README.md").read_text()
+    shown = [name for name, *_ in rows if f"`{name}`" in readme]
+    assert shown and "docs/SERVICE.md#settings" in readme
 
 
 def test_settings_parse_and_validate():
@@ -141,3 +146,11 @@ def test_chunking_keeps_batches_together():
 def test_filename_sanitising(raw, clean):
     from api.uploads import sanitize_filename
     assert sanitize_filename(raw) == clean
+
+
+def test_readme_stays_a_user_readme():
+    """README.md is for users (under 12 KB); the run history and the benchmark detail live in docs/."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) < 12_000
+    for doc in ("docs/MODEL.md", "docs/PERFORMANCE.md", "docs/SERVICE.md", "docs/ARCHITECTURE.md", "docs/STUDIES.md"):
+        assert f"]({doc}" in readme and (REPO / doc).is_file(), doc

@@ -1,0 +1,127 @@
+"""training.data folds and training.cv: the committed folds, fold splits, recipe arguments, the results table and
+one tiny fold trained and evaluated end to end on the committed fixture slices."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from training import cv, data
+
+FX = Path(__file__).resolve().parents[1] / "fixtures"
+
+#: The 18 inferred patient groups of covid19-ct-seg-256 and the 50 MedSeg stems (../shared/data/README.md).
+COVID_GROUPS = {f"coronacases_{n:03d}" for n in range(1, 11)} | {
+    "radiopaedia_14_85914_0", "radiopaedia_27_86410_0", "radiopaedia_36_86526_0", "radiopaedia_40_86625_0",
+    "radiopaedia_4_85506_1", "radiopaedia_7_85703_0", "radiopaedia_case10", "radiopaedia_case29"}
+MEDSEG_STEMS = {str(s) for s in [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 23, 24, 25, 26, 27, 28, 29,
+                                 30, 31, 32, 33, 34, 35, 37, 39, 40, 41, 42, 43, 44, 45, 46, 47, 49, 50, 51, 52, 53,
+                                 54, 55, 56, 57, 58, 67]}
+
+
+def test_committed_folds_partition_every_patient_group_and_image():
+    folds = data.load_folds()
+    assert len(folds) == 3
+    groups = [set(f["covid_groups"]) for f in folds]
+    stems = [set(f["medseg_stems"]) for f in folds]
+    assert set().union(*groups) == COVID_GROUPS and sum(map(len, groups)) == len(COVID_GROUPS)
+    assert set().union(*stems) == MEDSEG_STEMS and sum(map(len, stems)) == len(MEDSEG_STEMS)
+    assert [len(s) for s in stems] == [20, 15, 15]
+    # each fold holds out both sources of COVID-19-CT-Seg
+    assert all({g.split("_")[0] for g in gs} == {"coronacases", "radiopaedia"} for gs in groups)
+
+
+def _fake_data(tmp: Path):
+    """A covid root (two patient groups of two real slices each) and a MedSeg root (two real images), with a
+    two-fold folds file."""
+    covid, medseg = tmp / "covid", tmp / "medseg"
+    for d in (covid / "images", covid / "masks", medseg / "images", medseg / "masks"):
+        d.mkdir(parents=True)
+    rows = ["file,inferred_volume,inferred_patient_group"]
+    for name, group in (("0300", "p1"), ("0340", "p1"), ("1000", "p2"), ("1530", "p2")):
+        shutil.copy(FX / "slices" / f"covid_{name}.png", covid / "images" / f"{name}.png")
+        shutil.copy(FX / "masks" / f"covid_{name}.png", covid / "masks" / f"{name}.png")
+        rows.append(f"{name}.png,{group},{group}")
+    (covid / "slice_to_volume.csv").write_text("\n".join(rows) + "\n")
+    for stem in ("5", "20"):
+        shutil.copy(FX / "slices" / f"medseg_{stem}.jpg", medseg / "images" / f"{stem}.jpg")
+        shutil.copy(FX / "masks" / f"medseg_{stem}.png", medseg / "masks" / f"{stem}.png")
+    folds = tmp / "folds.json"
+    folds.write_text(json.dumps({"k": 2, "folds": [{"covid_groups": ["p1"], "medseg_stems": ["5"]},
+                                                   {"covid_groups": ["p2"], "medseg_stems": ["20"]}]}))
+    return covid, medseg, folds
+
+
+def test_split_by_fold_and_all(tmp_path):
+    covid, medseg, folds = _fake_data(tmp_path)
+    train, val_c, val_m = data.split(covid, medseg, fold=1, folds_file=folds)
+    assert sorted(s.image.name for s in val_c) == ["1000.png", "1530.png"]
+    assert [s.image.name for s in val_m] == ["20.jpg"]
+    assert sorted(s.image.name for s in train) == ["0300.png", "0340.png", "5.jpg"]
+    train, val_c, val_m = data.split(covid, medseg, fold="all", folds_file=folds)
+    assert len(train) == 6 and val_c == [] and val_m == []
+    with pytest.raises(ValueError, match="fold 2 does not exist"):
+        data.split(covid, medseg, fold=2, folds_file=folds)
+
+
+def test_train_refuses_a_fold_that_does_not_exist(tmp_path, capsys):
+    from training import train
+
+    covid, medseg, _ = _fake_data(tmp_path)
+    rc = train.main(["--covid-root", str(covid), "--medseg-root", str(medseg), "--run-dir", str(tmp_path / "r"),
+                     "--fold", "7"])
+    assert rc == 2 and "fold 7 does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--run-dir", str(tmp_path / "r"), "--fold", "first"])
+    assert "fold must be a whole number or 'all'" in capsys.readouterr().err
+
+
+def test_train_argv_is_the_recipe():
+    argv = cv.train_argv("light16", 2, "C", "M", "runs/cv")
+    assert argv[:8] == ["--covid-root", "C", "--medseg-root", "M", "--run-dir", "runs/cv/light16/fold2", "--fold", "2"]
+    assert dict(zip(argv[8::2], argv[9::2]))["--augment"] == "light"
+    assert cv.fold_dir("runs/cv", "light16", "all") == Path("runs/cv/light16/final")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        cv.train_argv("nope", 0, "C", "M", "r")
+
+
+def _metrics(fold, covid, medseg, hours):
+    return {"fold": fold, "epoch": 16, "epochs": 16, "train_hours": hours,
+            "covid": {"mean_dice": covid, "n_images": 500}, "medseg": {"mean_dice": medseg, "n_images": 15}}
+
+
+def test_table_gives_per_fold_and_mean_with_sample_sd(tmp_path):
+    for fold, c, m, h in ((0, 0.70, 0.74, 2.0), (1, 0.74, 0.78, 2.5)):
+        d = tmp_path / "recipeA" / f"fold{fold}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(_metrics(fold, c, m, h)))
+    (tmp_path / "recipeB" / "fold0").mkdir(parents=True)  # a recipe with no finished fold is not listed
+    results = cv.collect(tmp_path)
+    assert list(results) == ["recipeA"]
+    table = cv.markdown_table(results, k=3)
+    # mean 0.72, sample sd sqrt(2 * 0.02^2 / 1) = 0.0283
+    assert "| recipeA | 2 of 3 | 0: 0.700, 1: 0.740 | 0.720 ± 0.028 | 0: 0.740, 1: 0.780 | 0.760 ± 0.028 | 4.5 |" in table
+
+
+def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, capsys):
+    covid, medseg, folds = _fake_data(tmp_path)
+    monkeypatch.setattr(data, "FOLDS_FILE", folds)
+    monkeypatch.setitem(cv.RECIPES, "tiny", {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2, "crop": 64,
+                                             "augment": "light", "val_limit": 1})
+    base = ["--recipe", "tiny", "--covid-root", str(covid), "--medseg-root", str(medseg),
+            "--run-root", str(tmp_path / "cv")]
+    assert cv.main(["train", *base, "--fold", "0"]) == 0
+    run_dir = tmp_path / "cv" / "tiny" / "fold0"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["epoch"] == 1 and state["args"]["fold"] == 0 and (run_dir / "last.h5").is_file()
+    capsys.readouterr()
+    assert cv.main(["evaluate", *base]) == 0  # fold 1 is not trained: skipped, fold 0 evaluated
+    out = capsys.readouterr().out
+    assert "fold 1: not finished (0 epochs), skipped" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # fold 0 holds out group p1 (two slices) and MedSeg image 5: every held-out slice is scored, not val_limit
+    assert metrics["covid"]["n_images"] == 2 and metrics["medseg"]["n_images"] == 1 and 0.0 <= metrics["covid"]["mean_dice"] <= 1
+    assert cv.main(["table", "--run-root", str(tmp_path / "cv"), "--out", str(tmp_path / "t.md")]) == 0
+    assert "| tiny | 1 of 2 |" in (tmp_path / "t.md").read_text()
