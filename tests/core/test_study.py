@@ -185,7 +185,7 @@ def test_overlay_outline_is_the_counted_infection(dicom_case):
     a = dicom_case["analysis"]
     assert a.probability.dtype == np.float16
     for k in range(8):
-        view = study._view_probability(a, k)
+        view = study.outputs._view_probability(a, k)
         assert np.array_equal(view >= 0.5, a.infection[k] > 0) and not view[a.lung[k] == 0].any()
 
 
@@ -257,7 +257,8 @@ def test_deidentified_files_keep_geometry(dicom_case):
     assert len({ds.SOPInstanceUID for ds in outs}) == 8
     meta_text = json.dumps(dicom_case["meta"]).encode()
     assert not any(s in meta_text for s in SECRETS + [orig_any.SeriesInstanceUID.encode()])
-    assert dicom_case["meta"]["series_uid_hash"] == study._series_key_hash(orig_any.SeriesInstanceUID, "test-salt")
+    assert dicom_case["meta"]["series_uid_hash"] == study.deidentify._series_key_hash(orig_any.SeriesInstanceUID,
+                                                                                      "test-salt")
 
 
 def test_uid_hash_and_remap_depend_on_salt(dicom_case, tmp_path):
@@ -391,7 +392,7 @@ def test_two_equally_large_series_are_listed(small_hu, tmp_path):
     assert uid_a in msg and uid_b in msg and "series_uid" in msg
     meta = study.unpack_study_upload(a + b, tmp_path / "ok", series_uid=uid_b)
     assert meta["n_slices"] == 4 and meta["series_count"] == 2 and meta["skipped_files"] == 4
-    assert meta["series_uid_hash"] == study._series_key_hash(uid_b, study.DEFAULT_SALT)
+    assert meta["series_uid_hash"] == study.deidentify._series_key_hash(uid_b, study.DEFAULT_SALT)
     msg = _refused(a + b, tmp_path / "out2", "not in the upload", series_uid="1.2.3.4")
     assert uid_a in msg
 
