@@ -10,9 +10,12 @@ log = logging.getLogger("covidseg.api")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra):
+    """An error answer: `status`, a JSON body {"error": message, "code": code, **extra}, and `headers`."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, **extra):
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, **extra):
@@ -28,7 +31,9 @@ def error_response(status: int, code: str, message: str, **extra):
 def register_error_handlers(app) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        resp = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        resp.headers.update(exc.headers)
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

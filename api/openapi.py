@@ -66,13 +66,22 @@ def spec() -> dict:
         "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
                                 "description": "One or more PNG/JPEG/TIFF/DICOM slices (type read from the "
                                                "content). Several files form a batch."}}}}}}
-    common = {"401": _err("missing, malformed or unknown bearer token"), "503": _err("a backing service is down")}
+    common = {"401": _err("missing, malformed, unknown, revoked or expired bearer token"),
+              "403": _err("the token lacks the scope: read for GET, submit for POST"),
+              "503": _err("a backing service is down")}
+    limited = {"description": "rate limit or daily quota of the token exceeded (COVIDSEG_RATE_LIMIT_PER_MINUTE, "
+                              "COVIDSEG_DAILY_QUOTA)",
+               "headers": {"Retry-After": {"description": "seconds until the request may succeed",
+                                           "schema": {"type": "integer", "minimum": 1}}},
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    submit_common = {**common, "429": limited}
     return {
         "openapi": "3.1.0",
         "info": {"title": "covidseg job service", "version": "1",
                  "description": "Segments COVID-19 infection in lung CT slices and whole studies. Every "
                                 "error is JSON "
-                                "{\"error\": message, \"code\": machine_code}."},
+                                "{\"error\": message, \"code\": machine_code}. Tokens have scopes: read "
+                                "(GET), submit (POST), admin (the admin API)."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "components": {
@@ -139,7 +148,8 @@ def spec() -> dict:
                              "400": _err("no file, empty, corrupt or truncated image, bad Idempotency-Key"),
                              "413": _err("file/request too large, too many files, too many pixels"),
                              "415": _err("not multipart, or not a PNG/JPEG/TIFF/DICOM image"),
-                             "422": _err("image too small, Idempotency-Key reused with other files"), **common}},
+                             "422": _err("image too small, Idempotency-Key reused with other files"),
+                             **submit_common}},
                 "get": {"summary": "list jobs, newest first (cursor pagination)",
                         "parameters": _list_params(
                             {"name": "batch_id", "in": "query", "schema": {"type": "string"}}),
@@ -157,7 +167,7 @@ def spec() -> dict:
                 "responses": {"200": {"description": "PNG", "content": {"image/png": {}}},
                               "404": _err("unknown job or result"), "409": _err("job has not succeeded"),
                               **common}}},
-            **_cancel_retry_paths("/api/v1/jobs", "job", "jobs", common),
+            **_cancel_retry_paths("/api/v1/jobs", "job", "jobs", submit_common),
             "/api/v1/batches/{batch_id}": {"get": {
                 "summary": "batch progress: counts per status and percent done",
                 "parameters": [_id_param("batch_id")],
@@ -184,7 +194,7 @@ def spec() -> dict:
                                          "bad series_uid or Idempotency-Key"),
                              "413": _err("upload too large, too many files, zip bomb"),
                              "415": _err("not multipart"),
-                             "422": _err("Idempotency-Key reused with another upload"), **common}},
+                             "422": _err("Idempotency-Key reused with another upload"), **submit_common}},
                 "get": {"summary": "list studies, newest first (cursor pagination)",
                         "parameters": _list_params(),
                         "responses": {"200": {"description": "{studies: [Study], next_cursor}"},
@@ -202,7 +212,7 @@ def spec() -> dict:
                 "responses": {"200": {"description": "the file", "content": {
                     "application/gzip": {}, "application/json": {}, "image/png": {}}},
                     "404": _err("unknown study or file"), "409": _err("study has not succeeded"), **common}}},
-            **_cancel_retry_paths("/api/v1/studies", "study", "studies", common),
+            **_cancel_retry_paths("/api/v1/studies", "study", "studies", submit_common),
             "/predict": {"post": {
                 "summary": "legacy: one slice in, overlay PNG out (queued like any job; waits "
                            "COVIDSEG_PREDICT_TIMEOUT seconds)",
@@ -211,6 +221,6 @@ def spec() -> dict:
                                       "content": {"image/png": {}}},
                               "400": _err("bad upload"), "413": _err("too large"), "415": _err("not an image"),
                               "422": _err("the job failed"), "504": _err("no result in time (job continues)"),
-                              **common}}},
+                              **submit_common}}},
         },
     }

@@ -12,6 +12,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from api import limits
 from api.auth import require_token, services
 from api.errors import ApiError, error_response
 from api.params import created_range_and_page, filter_status, page_of
@@ -73,7 +74,9 @@ def readyz():
 @bp_v1.before_request
 @bp_predict.before_request
 def _authenticate():
-    require_token()
+    token_id = require_token()
+    if request.method == "POST":
+        limits.check_rate(token_id)
 
 
 def _json_body() -> dict:
@@ -181,6 +184,7 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
         replay = _idempotent_replay(idem_key, fingerprint)
         if replay is not None:
             return replay
+    limits.charge_quota(g.token_id, len(checked))  # a replay above is not charged again
     ids = [db.new_id() for _ in checked]
     batch_id = db.new_id() if len(checked) > 1 else None
     for jid, c, sha in zip(ids, checked, shas):

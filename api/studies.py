@@ -31,6 +31,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from api import limits
 from api.auth import require_token, services
 from api.errors import ApiError
 from api.params import created_range_and_page, filter_status, page_of
@@ -63,7 +64,9 @@ _MULTIPART_SLACK = 1024 * 1024
 
 @bp_studies.before_request
 def _authenticate_and_limit():
-    require_token()
+    token_id = require_token()
+    if request.method == "POST":
+        limits.check_rate(token_id)
     if request.endpoint == "studies.submit_study":
         # A study is much larger than one slice: its own request cap, applied before the body is read.
         s = services().settings
@@ -275,6 +278,7 @@ def submit_study():
         if n_slices <= 0:
             raise ApiError(400, "invalid_study", "the upload holds no CT slices")
         payload = _tar_folder(dest)
+    limits.charge_quota(g.token_id, 1)  # a valid study only (a refused upload costs nothing)
     meta = dict(meta, format=fmt)
     # Nothing identifying is stored: the de-identified, normalised input only (the upload itself only when
     # de-identification is switched off, i.e. the data is anonymous already).

@@ -19,7 +19,7 @@ import warnings
 
 #: Modules registering sub-commands, in help order. Other concerns append theirs (e.g. "cli.service").
 COMMAND_MODULES: list[str] = [
-    "cli.core",
+    "cli.model",
     "cli.service",
     "cli.admin",
     "cli.bulk",

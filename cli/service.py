@@ -1,8 +1,9 @@
 """`covidseg token ...` and `covidseg service ...`: API tokens and job-service operations.
 
-    covidseg token create --name NAME     # prints a new bearer token once (only its SHA-256 is stored)
+    covidseg token create --name NAME [--scopes read,submit] [--expires-in-days N]
+                                          # prints a new bearer token once (only its SHA-256 is stored)
     covidseg token list
-    covidseg token revoke ID|PREFIX
+    covidseg token revoke ID|PREFIX       # refused within COVIDSEG_TOKEN_CACHE_SECONDS on every API process
     covidseg service migrate              # alembic upgrade head (same as `make migrate`)
     covidseg service sweep                # re-queue stuck jobs / re-publish lost messages now
     covidseg service settings             # the effective settings (secrets masked)
@@ -25,6 +26,11 @@ def register(subparsers) -> None:
     tsub.required = True
     c = tsub.add_parser("create", help="create a token and print it (shown once)")
     c.add_argument("--name", required=True, help="who or what uses the token")
+    c.add_argument("--scopes", default="read,submit",
+                   help="what the token may do: read (GET its jobs and studies), submit (create, cancel, retry), "
+                        "admin (the admin API, every token's work); comma-separated (default read,submit)")
+    c.add_argument("--expires-in-days", type=_positive_days, default=None,
+                   help="the token stops working after this many days (default: never)")
     c.add_argument("--quiet", action="store_true", help="print only the token")
     c.set_defaults(func=_token_create)
     ls = tsub.add_parser("list", help="list tokens (prefixes only)")
@@ -58,10 +64,39 @@ def _session_factory(args):
     return make_sessionmaker(make_engine(_settings_of(args)))
 
 
+def _positive_days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not days > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 days")
+    return days
+
+
+def _cli_actor() -> str:
+    """The audit log's actor for commands run on the server."""
+    import getpass
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no user name in a container
+        return "cli"
+
+
 def _token_create(args) -> int:
-    from shared.service.db import create_token
+    from datetime import timedelta
+
+    from cli import CLIError
+    from shared.service.db import audit, create_token, parse_scopes, utcnow
+    try:
+        scopes = parse_scopes(args.scopes)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    expires = utcnow() + timedelta(days=args.expires_in_days) if args.expires_in_days else None
     with _session_factory(args)() as session:
-        row, plain = create_token(session, args.name)
+        row, plain = create_token(session, args.name, scopes=scopes, expires_at=expires)
+        audit(session, _cli_actor(), "token.create", f"token:{row.id}", name=row.name, scopes=scopes,
+              expires_at=expires)
         session.commit()
         if args.quiet:
             print(plain)
@@ -76,24 +111,27 @@ def _token_list(args) -> int:
     from shared.service.db import ApiToken
     with _session_factory(args)() as session:
         rows = session.execute(select(ApiToken).order_by(ApiToken.id)).scalars().all()
-    print(f"{'id':>5}  {'prefix':12} {'name':24} {'created':20} {'last used':20} revoked")
+    print(f"{'id':>5}  {'prefix':12} {'name':24} {'scopes':18} {'created':20} {'last used':20} {'expires':20} "
+          "revoked")
     for r in rows:
         fmt = (lambda d: d.strftime("%Y-%m-%d %H:%M:%S") if d else "-")
-        print(f"{r.id:>5}  {r.prefix:12} {r.name[:24]:24} {fmt(r.created_at):20} {fmt(r.last_used_at):20} "
-              f"{fmt(r.revoked_at)}")
+        print(f"{r.id:>5}  {r.prefix:12} {r.name[:24]:24} {r.scopes:18} {fmt(r.created_at):20} "
+              f"{fmt(r.last_used_at):20} {fmt(r.expires_at):20} {fmt(r.revoked_at)}")
     return 0
 
 
 def _token_revoke(args) -> int:
     from sqlalchemy import or_, update
 
-    from shared.service.db import ApiToken, utcnow
+    from shared.service.db import ApiToken, audit, utcnow
     cond = [ApiToken.prefix == args.token]
     if args.token.isdigit():
         cond.append(ApiToken.id == int(args.token))
     with _session_factory(args)() as session:
         n = session.execute(update(ApiToken).where(or_(*cond), ApiToken.revoked_at.is_(None))
                             .values(revoked_at=utcnow())).rowcount
+        if n:
+            audit(session, _cli_actor(), "token.revoke", f"token:{args.token}")
         session.commit()
     if not n:
         from cli import CLIError

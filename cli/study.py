@@ -43,7 +43,7 @@ def cmd_study(args) -> int:
     from tqdm import tqdm
 
     from shared.core import study
-    from cli.core import _check_weights, _stem, _unique_name, _write_bytes, make_segmenter
+    from cli.model import _check_weights, _stem, _unique_name, _write_bytes, make_segmenter
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -92,7 +92,7 @@ def cmd_study(args) -> int:
 
 
 def register(subparsers) -> None:
-    from cli.core import _add_model_options
+    from cli.model import _add_model_options
 
     p = subparsers.add_parser(
         "study", help="whole CT studies: lesion and lung volume, percent involved, CT score, NIfTI masks",

@@ -6,6 +6,7 @@ api/admin/auth.py for the session cookie, CSRF and throttling rules.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import datetime
@@ -71,9 +72,12 @@ def login_post():
         user = admin_users.authenticate(session, username, password)
         if user is None:
             auth.throttle.fail(keys)
+            auth.audit(session, "admin.login_failed", f"admin:{username}", actor="anonymous")
+            session.commit()
             log.warning("failed admin login for %r from %s", username, request.remote_addr)
             return _login_form("Wrong user name or password.", 401, username)
         sid, _row = admin_users.start_session(session, user, auth.session_lifetime())
+        auth.audit(session, "admin.login", actor=f"admin:{user.username}")
         session.commit()
     auth.throttle.clear(keys[:1])
     log.info("admin %r logged in from %s", username, request.remote_addr)
@@ -90,6 +94,7 @@ def logout():
         auth.check_csrf(found[0].csrf_token, request.form.get("csrf_token") or request.headers.get(auth.CSRF_HEADER))
         with services().Session() as session:
             admin_users.end_session(session, request.cookies.get(auth.SESSION_COOKIE))
+            auth.audit(session, "admin.logout", actor=f"admin:{found[1].username}")
             session.commit()
     resp = redirect(url_for("admin.login"), 303)
     auth.clear_session_cookie(resp)
@@ -260,9 +265,10 @@ def cancel_job(job_id):
             if not db.cancel_job(session, job.id):
                 session.refresh(job)
                 raise ApiError(409, "job_finished", f"the job already {job.status}; it can no longer be cancelled")
-            admin_users.record_action(session, before, g.admin[1].username, "cancel")
+            admin_users.record_action(session, before, g.admin_name, "cancel")
+            auth.audit(session, "job.cancel", f"job:{job_id}", from_status=before.status)
             session.commit()
-            log.info("admin %r cancelled job %s", g.admin[1].username, job_id)
+            log.info("admin %r cancelled job %s", g.admin_name, job_id)
         job, name = _load(session, job_id)
     return jsonify(admin_job_json(job, name, full=True))
 
@@ -280,7 +286,8 @@ def retry_job(job_id):
             session.refresh(job)
             raise ApiError(409, "job_not_retryable",
                            f"the job is {job.status}; only failed or cancelled jobs can be retried")
-        admin_users.record_action(session, before, g.admin[1].username, "retry")
+        admin_users.record_action(session, before, g.admin_name, "retry")
+        auth.audit(session, "job.retry", f"job:{job_id}", from_status=before.status)
         session.commit()
     try:
         svc.storage.delete_prefix(f"results/{job.id}/")
@@ -290,7 +297,7 @@ def retry_job(job_id):
         dispatch(svc.celery, svc.Session, [(job.id, job.queue, job.batch_id)], svc.settings)
     except Exception as exc:  # noqa: BLE001 - the recovery sweep publishes undispatched queued jobs
         log.warning("publish failed (%s); the sweep will publish job %s", exc, job.id)
-    log.info("admin %r retried job %s", g.admin[1].username, job_id)
+    log.info("admin %r retried job %s", g.admin_name, job_id)
     with svc.Session() as session:
         job, name = _load(session, job_id)
     resp = jsonify(admin_job_json(job, name, full=True))
@@ -327,8 +334,33 @@ def get_workers():
 @bp_admin_api.get("/me")
 @admin_api
 def me():
+    if "token" in g:  # a bearer token with the admin scope
+        return jsonify(username=g.admin_name, scopes=sorted(g.token.scopes),
+                       token_expires_at=stats.iso(g.token.expires_at) if g.token.expires_at else None)
     sess, user = g.admin
     return jsonify(username=user.username, session_expires_at=stats.iso(sess.expires_at))
+
+
+@bp_admin_api.get("/audit")
+@admin_api
+def list_audit():
+    """The audit log, newest first: ?actor=, ?action= (prefix, e.g. "job."), ?limit= (1-500, default 100)."""
+    try:
+        limit = int(request.args.get("limit", 100))
+        if not 1 <= limit <= 500:
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, "invalid_limit", "limit must be an integer from 1 to 500") from None
+    q = select(db.AuditEvent).order_by(db.AuditEvent.id.desc()).limit(limit)
+    if request.args.get("actor"):
+        q = q.where(db.AuditEvent.actor == request.args["actor"][:140])
+    if request.args.get("action"):
+        q = q.where(db.AuditEvent.action.startswith(request.args["action"][:64], autoescape=True))
+    with services().Session() as session:
+        rows = session.scalars(q).all()
+    return jsonify(events=[{"id": r.id, "at": stats.iso(r.at), "actor": r.actor, "action": r.action,
+                            "target": r.target, "client": r.client,
+                            "detail": json.loads(r.detail) if r.detail else None} for r in rows])
 
 
 from api.admin import studies as _studies  # noqa: E402,F401 - whole studies (issue 5): routes on the blueprints above

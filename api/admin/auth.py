@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 from flask import current_app, g, redirect, request, url_for
 
+from api.auth import authenticate, bearer_token
 from api.errors import ApiError
-from shared.service import admin_users
+from shared.service import admin_users, db
 
 SESSION_COOKIE = "covidseg_admin"
 LOGIN_CSRF_COOKIE = "covidseg_login_csrf"
@@ -129,16 +130,30 @@ def check_csrf(expected: str, given: str | None) -> None:
 
 
 def admin_api(fn):
-    """Decorator of /api/v1/admin endpoints: a live admin session; POST/PUT/PATCH/DELETE also need the CSRF token."""
+    """Decorator of /api/v1/admin endpoints: a live admin session (POST/PUT/PATCH/DELETE also need its CSRF
+    token), or a bearer token with the `admin` scope (automation; no cookie, so no CSRF). Sets g.actor (the audit
+    log's name of who acts: "admin:<user>" or "token:<id>:<name>") and g.admin_name (shown on job timelines)."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        token = bearer_token()
+        if token is not None:
+            info = authenticate(token, "admin")
+            g.actor = g.admin_name = info.actor
+            return fn(*args, **kwargs)
         found = current_admin()
         if found is None:
             raise ApiError(401, "not_logged_in", "your admin session has ended; log in again")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             check_csrf(found[0].csrf_token, request.headers.get(CSRF_HEADER) or request.form.get("csrf_token"))
+        g.admin_name = found[1].username
+        g.actor = f"admin:{found[1].username}"
         return fn(*args, **kwargs)
     return wrapper
+
+
+def audit(session, action: str, target: str | None = None, actor: str | None = None, **detail) -> None:
+    """Record an admin action in the audit log (part of `session`'s transaction)."""
+    db.audit(session, actor or g.get("actor") or "anonymous", action, target, client=request.remote_addr, **detail)
 
 
 def admin_page(fn):

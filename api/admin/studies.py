@@ -12,6 +12,7 @@ from flask import g, jsonify, request, url_for
 from sqlalchemy import func, select
 
 from api.admin import _page, bp_admin, bp_admin_api, load_with_token_name, search_term, with_token_name
+from api.admin import auth
 from api.admin.auth import admin_api, admin_page, services
 from api.params import created_range_and_page, filter_status, page_of
 from api.studies import DICOM_SEG_FILE, cancel, has_dicom_seg, retry, study_file_response, study_json
@@ -90,8 +91,11 @@ def get_study_file(study_id, name):
 def cancel_study(study_id):
     with services().Session() as session:
         study, name = _load(session, study_id)
+        before = study.status
         cancel(session, study)
-        log.info("admin %r cancelled study %s", g.admin[1].username, study_id)
+        auth.audit(session, "study.cancel", f"study:{study_id}", from_status=before)
+        session.commit()
+        log.info("admin %r cancelled study %s", g.admin_name, study_id)
         study, name = _load(session, study_id)
     return jsonify(admin_study_json(study, name))
 
@@ -101,8 +105,11 @@ def cancel_study(study_id):
 def retry_study(study_id):
     with services().Session() as session:
         study, _ = _load(session, study_id)
+        before = study.status
         retry(session, study)
-        log.info("admin %r retried study %s", g.admin[1].username, study_id)
+        auth.audit(session, "study.retry", f"study:{study_id}", from_status=before)
+        session.commit()
+        log.info("admin %r retried study %s", g.admin_name, study_id)
     with services().Session() as session:
         study, name = _load(session, study_id)
     resp = jsonify(admin_study_json(study, name))

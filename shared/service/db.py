@@ -7,6 +7,7 @@ the recovery sweep can never move a job backwards (e.g. from succeeded to runnin
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import uuid
 from datetime import datetime, timezone
@@ -65,8 +66,15 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+#: What a token may do. read: GET its own jobs, studies and results; submit: create, cancel and retry its own jobs
+#: and studies (and POST /predict); admin: the admin API (/api/v1/admin, every token's work) with a bearer token.
+SCOPES = ("read", "submit", "admin")
+DEFAULT_SCOPES = "read submit"
+
+
 class ApiToken(Base):
-    """Bearer tokens. Only the SHA-256 of a token is stored; `prefix` identifies it in listings."""
+    """Bearer tokens. Only the SHA-256 of a token is stored; `prefix` identifies it in listings. `scopes` is a
+    space-separated subset of SCOPES; a token past `expires_at` (or revoked) is refused."""
     __tablename__ = "api_tokens"
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100), nullable=False)
@@ -75,6 +83,23 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    scopes: Mapped[str] = mapped_column(String(64), nullable=False, default=DEFAULT_SCOPES,
+                                        server_default=DEFAULT_SCOPES)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """Who did what, when: admin logins and actions, token management. `actor` is "admin:<user>",
+    "token:<id>:<name>" or "cli"; `target` names the object ("job:<id>", "study:<id>", "token:<id>")."""
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(140), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    target: Mapped[str | None] = mapped_column(String(140))
+    client: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (Index("ix_audit_events_at", "at"),)
 
 
 class Batch(Base):
@@ -190,13 +215,33 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def create_token(session, name: str) -> tuple[ApiToken, str]:
+def parse_scopes(text: str) -> str:
+    """"read,submit" / "read submit" -> the canonical "read submit"; ValueError names an unknown scope."""
+    given = {s for s in text.replace(",", " ").split() if s}
+    unknown = given - set(SCOPES)
+    if unknown or not given:
+        raise ValueError(f"unknown scope {', '.join(sorted(unknown))}; choose from {', '.join(SCOPES)}" if unknown
+                         else f"give at least one scope of {', '.join(SCOPES)}")
+    return " ".join(s for s in SCOPES if s in given)
+
+
+def create_token(session, name: str, scopes: str = DEFAULT_SCOPES,
+                 expires_at: datetime | None = None) -> tuple[ApiToken, str]:
     """Create a token; returns (row, the plaintext token — shown once, never stored)."""
     plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = ApiToken(name=name[:100], prefix=plain[:10], token_hash=hash_token(plain), created_at=utcnow())
+    row = ApiToken(name=name[:100], prefix=plain[:10], token_hash=hash_token(plain), created_at=utcnow(),
+                   scopes=parse_scopes(scopes), expires_at=expires_at)
     session.add(row)
     session.flush()
     return row, plain
+
+
+def audit(session, actor: str, action: str, target: str | None = None, client: str | None = None,
+          **detail) -> None:
+    """Add an audit event to `session` (committed with the action it records)."""
+    session.add(AuditEvent(at=utcnow(), actor=actor[:140], action=action[:64], target=target and target[:140],
+                           client=client and client[:64],
+                           detail=json.dumps(detail, sort_keys=True, default=str) if detail else None))
 
 
 # --- job state transitions (conditional updates: a finished job never moves backwards) -------------------------

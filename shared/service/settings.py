@@ -108,6 +108,11 @@ class Settings:
     api_threads: int = _f(8, "Threads per gunicorn worker (gthread).")
     token_cache_seconds: float = _f(30.0, "A verified token is trusted this long per API process before the "
                                           "database is asked again (revocation delay).")
+    rate_limit_per_minute: int = _f(600, "Submissions (POST of jobs, studies, /predict, cancel, retry) one token "
+                                         "may make per minute, shared by every API process (Redis); more get "
+                                         "429 with Retry-After. 0 = no limit.")
+    daily_quota: int = _f(0, "Slices plus studies one token may submit per UTC day; more get 429 with "
+                             "Retry-After (until midnight UTC). 0 = no quota.")
     idempotency_ttl_hours: int = _f(24, "Idempotency-Key records are kept this long.")
     log_level: str = _f("INFO", "Log level of the API and workers.")
     # --- web interface and admin dashboard (docs/WEB.md) -----------------------------------------------------
@@ -162,6 +167,9 @@ class Settings:
                      "study_max_files", "study_max_unpacked_bytes", "worker_concurrency"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        for name in ("rate_limit_per_minute", "daily_quota"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 (off) or positive")
         if problems:
             raise SettingsError("; ".join(problems))
 

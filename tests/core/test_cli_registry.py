@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import cli as cli
-from cli import core
+from cli import model as model_commands
 
 
 @pytest.fixture
@@ -20,12 +20,12 @@ def broken_module(tmp_path, monkeypatch):
 
 
 def test_broken_optional_modules_do_not_break_core(broken_module, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cli.core", "covidseg_broken_cli",
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cli.model", "covidseg_broken_cli",
                                                  "covidseg_bad_register", "covidseg_absent_module_xyz"])
     parser = cli.build_parser()
     assert set(parser.unavailable) == {"covidseg_broken_cli", "covidseg_bad_register"}
     args = parser.parse_args(["evaluate", "--masks", "m", "--predictions", "p"])
-    assert args.func is core.cmd_evaluate
+    assert args.func is model_commands.cmd_evaluate
     assert cli.main(["token", "create", "--name", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "covidseg_broken_cli" in err and "boom" in err

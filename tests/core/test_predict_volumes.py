@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cli import core, main
+from cli import main
+from cli import model as model_commands
 from shared.core.metrics import dice_iou_counts
 
 from .conftest import FIXTURES
@@ -21,7 +22,7 @@ from .helpers import BLOB_HU, blob_volume, write_dicom_series, write_nifti
 
 @pytest.fixture
 def use_threshold_model(monkeypatch, threshold_segmenter):
-    monkeypatch.setattr(core, "make_segmenter", lambda args: threshold_segmenter)
+    monkeypatch.setattr(model_commands, "make_segmenter", lambda args: threshold_segmenter)
 
 
 def _png_count(path):

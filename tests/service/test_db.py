@@ -54,7 +54,7 @@ def test_alembic_schema_matches_models_and_downgrades(engine):
     from sqlalchemy import MetaData
 
     ours = MetaData()
-    for name in ("api_tokens", "batches", "jobs", "idempotency_keys", "studies"):
+    for name in ("api_tokens", "batches", "jobs", "idempotency_keys", "studies", "audit_events"):
         db.Base.metadata.tables[name].to_metadata(ours)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})

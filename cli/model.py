@@ -1,4 +1,4 @@
-"""Core commands: convert, train, evaluate, predict, bench.
+"""Model commands: convert, train, evaluate, predict, bench (the U-Net on slices and volumes).
 
 Inputs are validated (files exist, decode, sizes match, weights file looks right) before TensorFlow is loaded,
 so bad input fails in about a second with `error: ...` and exit code 2.
