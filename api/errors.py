@@ -42,7 +42,12 @@ def register_error_handlers(app) -> None:
         msg = exc.description or exc.name
         if exc.code == 413:
             msg = "request body too large"
-        return error_response(exc.code or 500, code, msg)
+        resp = error_response(exc.code or 500, code, msg)
+        # keep the exception's own headers: a 405 must say which methods are allowed (Allow, RFC 9110)
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

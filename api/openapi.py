@@ -1,8 +1,18 @@
 """The OpenAPI 3.1 document served at /api/v1/openapi.json (tests check it lists every route)."""
 from __future__ import annotations
 
+from api.params import CURSOR_PATTERN
 from shared.service.db import STATUSES
+from shared.service.settings import Settings, get_settings
 from shared.service.storage import RESULT_KINDS
+
+#: A comma-separated list of statuses, exactly as the listings accept it.
+STATUS_LIST_PATTERN = "^({s})?(,({s}))*$".format(s="|".join(STATUSES))
+#: What an Idempotency-Key may be (api.routes._IDEMPOTENCY_KEY): 1-200 printable ASCII characters, no space.
+IDEMPOTENCY_KEY_PATTERN = "^[\\x21-\\x7e]{1,200}$"
+#: Media types of a slice upload's parts; the type is read from the content, and these name what is accepted.
+SLICE_MEDIA_TYPES = "image/png, image/jpeg, image/tiff, application/dicom"
+STUDY_MEDIA_TYPES = "application/zip, application/dicom, application/gzip, application/octet-stream"
 
 
 #: Fields of a job's and a study's run history (both tables share the state machine in shared/service/db.py).
@@ -29,17 +39,22 @@ def _id_param(name):
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
 
 
+#: A time-range bound of the listings: an RFC 3339 date-time, or empty (no bound).
+_OPTIONAL_TIME = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}
+
+
 def _list_params(*extra):
     """Query parameters of a cursor-paginated listing (jobs, studies); `extra` go after `status`."""
-    return [{"name": "status", "in": "query", "schema": {"type": "string"},
+    return [{"name": "status", "in": "query", "schema": {"type": "string", "pattern": STATUS_LIST_PATTERN},
              "description": "comma-separated: " + ",".join(STATUSES)},
             *extra,
-            {"name": "created_after", "in": "query", "schema": {"type": "string", "format": "date-time"}},
-            {"name": "created_before", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+            {"name": "created_after", "in": "query", "schema": _OPTIONAL_TIME,
+             "description": "RFC 3339; empty = no bound; a range with created_after >= created_before is empty"},
+            {"name": "created_before", "in": "query", "schema": _OPTIONAL_TIME, "description": "RFC 3339, exclusive"},
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200,
                                                         "default": 50}},
-            {"name": "cursor", "in": "query", "schema": {"type": "string"},
-             "description": "next_cursor of the previous page"}]
+            {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": "^$|" + CURSOR_PATTERN},
+             "description": "next_cursor of the previous page; empty or absent: the first page"}]
 
 
 def _cancel_retry_paths(base: str, noun: str, plural: str, common: dict) -> dict:
@@ -60,12 +75,26 @@ def _cancel_retry_paths(base: str, noun: str, plural: str, common: dict) -> dict
     }
 
 
-def spec() -> dict:
-    upload = {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                "description": "One or more PNG/JPEG/TIFF/DICOM slices (type read from the "
-                                               "content). Several files form a batch."}}}}}}
+def _idempotency_header(description: str) -> dict:
+    return {"name": "Idempotency-Key", "in": "header", "required": False,
+            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}, "description": description}
+
+
+def spec(settings: Settings | None = None) -> dict:
+    """The document; the upload limits in it are those of `settings` (default: the process's)."""
+    s = settings or get_settings()
+    upload = {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["file"],
+                   "properties": {"file": {"type": "array", "minItems": 1, "maxItems": s.max_files_per_request,
+                                           "items": {"type": "string", "format": "binary"},
+                                           "description": "One or more PNG/JPEG/TIFF/DICOM slices (type read "
+                                                          "from the content). Several files form a batch."}}},
+        "encoding": {"file": {"contentType": SLICE_MEDIA_TYPES}}}}}
+    one_slice = {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["file"],
+                   "properties": {"file": {"type": "string", "format": "binary",
+                                           "description": "one PNG/JPEG/TIFF/DICOM slice"}}},
+        "encoding": {"file": {"contentType": SLICE_MEDIA_TYPES}}}}}
     common = {"401": _err("missing, malformed, unknown, revoked or expired bearer token"),
               "403": _err("the token lacks the scope: read for GET, submit for POST"),
               "503": _err("a backing service is down")}
@@ -138,10 +167,8 @@ def spec() -> dict:
                                              "responses": {"200": {"description": "OpenAPI document"}, **common}}},
             "/api/v1/jobs": {
                 "post": {"summary": "submit one slice (a job) or many (a batch)",
-                         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                         "schema": {"type": "string", "maxLength": 200},
-                                         "description": "a retried request with the same key and files "
-                                                        "returns the first answer; no duplicate work"}],
+                         "parameters": [_idempotency_header("a retried request with the same key and files "
+                                                            "returns the first answer; no duplicate work")],
                          "requestBody": upload,
                          "responses": {"202": {"description": "accepted", "content": {"application/json": {
                              "schema": {"$ref": "#/components/schemas/Submitted"}}}},
@@ -152,7 +179,8 @@ def spec() -> dict:
                              **submit_common}},
                 "get": {"summary": "list jobs, newest first (cursor pagination)",
                         "parameters": _list_params(
-                            {"name": "batch_id", "in": "query", "schema": {"type": "string"}}),
+                            {"name": "batch_id", "in": "query",
+                             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}),
                         "responses": {"200": {"description": "{jobs: [Job], next_cursor}"},
                                       "400": _err("bad filter, limit or cursor"), **common}}},
             "/api/v1/jobs/{job_id}": {"get": {
@@ -177,15 +205,20 @@ def spec() -> dict:
             "/api/v1/studies": {
                 "post": {"summary": "submit a whole study: one .zip of a DICOM series, several DICOM files, or one "
                                     ".nii/.nii.gz (processed on the bulk queue)",
-                         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                         "schema": {"type": "string", "maxLength": 200},
-                                         "description": "the same token + key answers 200 with the existing "
-                                                        "study (the same key with another upload is a 422)"}],
-                         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                             "type": "object", "required": ["file"], "properties": {
-                                 "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                                 "series_uid": {"type": "string", "description": "pick this series when the "
-                                                "upload holds several (default: the largest)"}}}}}},
+                         "parameters": [_idempotency_header("the same token + key answers 200 with the "
+                                                            "existing study (the same key with another upload "
+                                                            "is a 422)")],
+                         "requestBody": {"required": True, "content": {"multipart/form-data": {
+                             "schema": {"type": "object", "required": ["file"], "properties": {
+                                 "file": {"type": "array", "minItems": 1, "maxItems": s.study_max_files,
+                                          "items": {"type": "string", "format": "binary"},
+                                          "description": "a .zip of a DICOM series, DICOM files, or one "
+                                                         ".nii/.nii.gz"},
+                                 "series_uid": {"type": "string", "maxLength": 64,
+                                                "pattern": "^[0-9]+(\\.[0-9]+)*$",
+                                                "description": "pick this series when the upload holds several "
+                                                               "(default: the largest)"}}},
+                             "encoding": {"file": {"contentType": STUDY_MEDIA_TYPES}}}}},
                          "responses": {
                              "202": {"description": "accepted (queued)", "content": {"application/json": {
                                  "schema": {"$ref": "#/components/schemas/Study"}}}},
@@ -216,7 +249,7 @@ def spec() -> dict:
             "/predict": {"post": {
                 "summary": "legacy: one slice in, overlay PNG out (queued like any job; waits "
                            "COVIDSEG_PREDICT_TIMEOUT seconds)",
-                "requestBody": upload,
+                "requestBody": one_slice,
                 "responses": {"200": {"description": "overlay PNG; headers X-Job-Id, X-Infected-Fraction",
                                       "content": {"image/png": {}}},
                               "400": _err("bad upload"), "413": _err("too large"), "415": _err("not an image"),

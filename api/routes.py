@@ -17,7 +17,7 @@ from api.auth import require_token, services
 from api.errors import ApiError, error_response
 from api.params import created_range_and_page, filter_status, page_of
 from api.publish import Publisher
-from api.uploads import FAST_MULTIPART_MAX_BYTES, check_upload, parse_multipart
+from api.uploads import check_upload, file_parts
 from shared.service import db
 from shared.service.celery_app import dispatch
 from shared.service.storage import RESULT_KINDS, input_key, result_key
@@ -149,18 +149,7 @@ def _read_files(max_files: int | None = None):
     s = svc.settings
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "expected_multipart", "send the slices as multipart/form-data `file` fields")
-    parsed = None
-    length = request.content_length
-    if length is not None and length <= min(FAST_MULTIPART_MAX_BYTES, s.max_request_bytes):
-        # get_data caches the body, so werkzeug can still parse it when the fast parser declines
-        parsed = parse_multipart(request.get_data(cache=True), request.mimetype_params.get("boundary"),
-                                 current_app.config["MAX_FORM_PARTS"])
-    if parsed is not None:
-        files = [(filename, data) for name, filename, data in parsed[0] if name == "file"]
-        other = list(dict.fromkeys(name for name, _, _ in parsed[0] if name != "file"))
-    else:
-        files = [(f.filename, f.stream) for f in request.files.getlist("file")]
-        other = [k for k in request.files.keys() if k != "file"]
+    files, other = file_parts("file", s.max_request_bytes)
     if not files:
         raise ApiError(400, "no_file", "no `file` field in the request" +
                        (f" (got fields {other[:5]})" if other else ""))
@@ -402,7 +391,7 @@ def retry_job(job_id):
 @bp_v1.get("/openapi.json")
 def openapi():
     from api.openapi import spec
-    return jsonify(spec())
+    return jsonify(spec(services().settings))
 
 
 # --- legacy /predict ---------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from api.auth import require_token, services
 from api.errors import ApiError
 from api.params import created_range_and_page, filter_status, page_of
 from api.routes import _ID, _IDEMPOTENCY_KEY, _iso, _json_body
-from api.uploads import sanitize_filename
+from api.uploads import file_parts, sanitize_filename
 from shared.service import db
 from shared.core import dicom_seg
 from shared.service.celery_app import dispatch_studies
@@ -157,20 +157,19 @@ def _read_study_files() -> list[tuple[str, bytes]]:
     s = services().settings
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "expected_multipart", "send the study as multipart/form-data `file` field(s)")
-    files = request.files.getlist("file")
+    files, other = file_parts("file", s.study_max_upload_bytes + _MULTIPART_SLACK)
     if not files:
-        other = list(request.files.keys())
         raise ApiError(400, "no_file", "no `file` field in the request" +
                        (f" (got fields {other[:5]})" if other else ""))
     if len(files) > s.study_max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} files; at most {s.study_max_files} per study")
     out, total = [], 0
-    for i, f in enumerate(files):
-        data = f.stream.read(s.study_max_upload_bytes - total + 1)
+    for i, (filename, f) in enumerate(files):
+        data = f if isinstance(f, bytes) else f.read(s.study_max_upload_bytes - total + 1)
         total += len(data)
         if total > s.study_max_upload_bytes:
             raise ApiError(413, "study_too_large", f"the study is larger than {s.study_max_upload_bytes} bytes")
-        name = sanitize_filename(f.filename) or f"file{i + 1}"
+        name = sanitize_filename(filename) or f"file{i + 1}"
         if not data:
             raise ApiError(400, "empty_file", f"file #{i + 1} ({name}) is empty")
         out.append((name, data))

@@ -52,10 +52,11 @@ FAST_MULTIPART_MAX_BYTES = 8 * 1024 * 1024
 _PART_HEADERS = {"content-disposition", "content-type"}
 
 
-def parse_multipart(body: bytes, boundary: str | None, max_parts: int):
+def parse_multipart(body: bytes, boundary: str | None, max_parts: int, file_fields: tuple[str, ...] = ()):
     """Parse a well-formed multipart/form-data body in one pass of `bytes.find`.
 
-    Returns ([(field name, client file name, bytes)] for the parts that carry a file name, [names of the other
+    Returns ([(field name, client file name, bytes)] for the parts that carry a file name, or whose field name is
+    in `file_fields` (RFC 7578 makes the file name optional; its file name is then None), [names of the other
     fields]), or None for anything unusual (preamble, folded or extra part headers, non-UTF-8 headers, padding
     after a boundary, no closing boundary, too many parts). The caller then hands the same bytes to werkzeug's
     general parser, so this is only a faster route to the same result. It exists because werkzeug compiles two
@@ -89,14 +90,14 @@ def parse_multipart(body: bytes, boundary: str | None, max_parts: int):
                 return None
             headers[name] = value.strip(" \t")
         disposition, opts = parse_options_header(headers.get("content-disposition", ""))
-        if disposition != "form-data" or not opts.get("name"):
+        if disposition != "form-data" or "name" not in opts:  # an empty name is a (useless) field, as for werkzeug
             return None
         data_start = head_end + 4
         data_end = body.find(sep, data_start)
         if data_end < 0:
             return None
-        if "filename" in opts:
-            files.append((opts["name"], opts["filename"], body[data_start:data_end]))
+        if "filename" in opts or opts["name"] in file_fields:
+            files.append((opts["name"], opts.get("filename"), body[data_start:data_end]))
         else:
             fields.append(opts["name"])
         after = data_end + len(sep)
@@ -105,6 +106,63 @@ def parse_multipart(body: bytes, boundary: str | None, max_parts: int):
         if body[after:after + 2] != b"\r\n":
             return None
         pos = after + 2
+
+
+def _decode_parts(body: bytes, boundary: str, field: str, max_parts: int) -> tuple[list, list[str]] | None:
+    """werkzeug's own multipart decoder over a body the fast parser declined: the `field` parts keep their raw
+    bytes whether or not they carry a file name. None when the body is not multipart werkzeug can read."""
+    from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+    decoder = MultipartDecoder(boundary.encode("latin-1", "replace"), max_parts=max_parts)
+    try:
+        decoder.receive_data(body)
+        decoder.receive_data(None)
+        parts, others, current = [], [], None
+        while True:
+            event = decoder.next_event()
+            if isinstance(event, (Field, File)):
+                current = None
+                if event.name == field:
+                    current = [getattr(event, "filename", None), bytearray()]
+                    parts.append(current)
+                else:
+                    others.append(event.name)
+            elif isinstance(event, Data) and current is not None:
+                current[1] += event.data
+            elif isinstance(event, (Epilogue, NeedData)):
+                break
+    except ValueError:  # malformed: the caller answers as for any unreadable body
+        return None
+    return [(name, bytes(data)) for name, data in parts], list(dict.fromkeys(others))
+
+
+def file_parts(field: str, max_request_bytes: int) -> tuple[list, list[str]]:
+    """The request's `field` parts as [(client file name or None, bytes or a stream)], and the other field names.
+
+    A client may leave out a part's file name (RFC 7578): such a part is still a file. Bodies up to
+    FAST_MULTIPART_MAX_BYTES are read in memory, by `parse_multipart` or, for what it declines, by werkzeug's
+    decoder; larger ones stream through werkzeug's form parser, where a part without a file name would arrive as
+    text, so it is refused with a message saying how to send it.
+    """
+    from flask import current_app, request
+
+    length = request.content_length
+    boundary = request.mimetype_params.get("boundary")
+    max_parts = current_app.config["MAX_FORM_PARTS"]
+    if length is not None and length <= min(FAST_MULTIPART_MAX_BYTES, max_request_bytes) and boundary:
+        body = request.get_data(cache=True)  # cached: werkzeug can still parse it for request.form
+        parsed = parse_multipart(body, boundary, max_parts, file_fields=(field,))
+        if parsed is not None:
+            return ([(filename, data) for name, filename, data in parsed[0] if name == field],
+                    list(dict.fromkeys([n for n, _, _ in parsed[0] if n != field] + parsed[1])))
+        decoded = _decode_parts(body, boundary, field, max_parts)
+        if decoded is not None:
+            return decoded
+    files = [(f.filename, f.stream) for f in request.files.getlist(field)]
+    if not files and field in request.form:
+        raise ApiError(400, "file_without_filename", f"the `{field}` part has no filename; send it as a file "
+                       f"(Content-Disposition: form-data; name=\"{field}\"; filename=\"...\")")
+    return files, [k for k in list(request.files.keys()) + list(request.form.keys()) if k != field]
 
 
 def check_upload(data: bytes, filename: str | None, settings, index: int = 0) -> CheckedUpload:

@@ -7,6 +7,7 @@
     covidseg service migrate              # alembic upgrade head (same as `make migrate`)
     covidseg service sweep                # re-queue stuck jobs / re-publish lost messages now
     covidseg service settings             # the effective settings (secrets masked)
+    covidseg service backup --out DIR     # database + bucket into DIR; `restore --from DIR` (cli/backup.py)
 
 The database is COVIDSEG_DATABASE_URL (or --database-url); its schema comes from `make migrate`.
 Also runnable as `python -m cli.service ...`.
@@ -40,14 +41,16 @@ def register(subparsers) -> None:
     rv.set_defaults(func=_token_revoke)
     t.set_defaults(func=lambda args: (t.print_help(), 2)[1])
 
-    s = subparsers.add_parser("service", help="job service operations (migrate, sweep, settings)",
+    s = subparsers.add_parser("service", help="job service operations (migrate, sweep, settings, backup, restore)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: COVIDSEG_DATABASE_URL)")
-    ssub = s.add_subparsers(dest="service_command", metavar="{migrate,sweep,settings}")
+    ssub = s.add_subparsers(dest="service_command", metavar="{migrate,sweep,settings,backup,restore}")
     ssub.required = True
     ssub.add_parser("migrate", help="create/upgrade the schema (alembic upgrade head)").set_defaults(func=_migrate)
     ssub.add_parser("sweep", help="run the recovery sweep once").set_defaults(func=_sweep)
     ssub.add_parser("settings", help="print the effective settings").set_defaults(func=_settings)
+    from cli.backup import register_service_commands
+    register_service_commands(ssub)
     s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
 
 
