@@ -36,6 +36,8 @@ def run_schemathesis(url: str, token: str, max_examples: int, seed: int, out: Pa
 
 
 @pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="schemathesis is not installed (requirements.txt)")
+# make test: the production database only; make fuzz: both
+@pytest.mark.parametrize("stack", os.environ.get("COVIDSEG_FUZZ_BACKENDS", "postgresql").split(","), indirect=True)
 def test_schemathesis_finds_nothing_on_any_operation(stack, tmp_path):
     stack.ensure_worker()
     res = run_schemathesis(stack.url, stack.token, max_examples=int(os.environ.get("COVIDSEG_FUZZ_EXAMPLES", 12)),
