@@ -7,7 +7,7 @@ export SM_FRAMEWORK := tf.keras
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup system-deps test test-core test-service test-web bench bench-service run migrate clean
+.PHONY: setup system-deps test test-core test-service test-web bench bench-service soak fuzz run migrate clean
 
 ## setup: virtualenv with pinned Python deps, the `covidseg` console script, and system services if missing
 setup: $(VENV)/.installed system-deps
@@ -47,6 +47,23 @@ bench: setup
 ## bench-service: submit latency p50/p99 at 1/10/50 clients + open loop, end-to-end slices/s (one worker, its pool of COVIDSEG_WORKER_CONCURRENCY processes)
 bench-service: setup
 	$(PY) scripts/bench_service.py --json artifacts/bench_service.json
+
+## fuzz: schemathesis over every operation of the OpenAPI document on the real stack, 200 examples each, SQLite and PostgreSQL (make test: 12, PostgreSQL)
+fuzz: setup
+	COVIDSEG_FUZZ_EXAMPLES=200 COVIDSEG_FUZZ_BACKENDS=sqlite,postgresql $(PY) -m pytest -q tests/service/test_fuzz_openapi.py $(PYTEST_ARGS)
+
+## soak: soak test with faults (2,000 jobs from 20 clients; worker kill, Redis/S3/PostgreSQL restarts), then reconciliation of DB and bucket; table + artifacts/soak.json
+soak: setup
+	$(PY) scripts/soak.py --json artifacts/soak.json
+
+## cluster: several hosts on one machine (network namespaces, root): services, 2 API replicas, 2 worker hosts; one worker host cut off mid-batch; table + artifacts/cluster.json (CLUSTER_ARGS: e.g. --cut freeze)
+.PHONY: cluster cluster-scale
+cluster: setup
+	$(PY) scripts/cluster.py run --json artifacts/cluster.json $(CLUSTER_ARGS)
+
+## cluster-scale: throughput versus number of worker hosts (1, 2, 3) on this machine; artifacts/cluster_scale.json (docs/SCALING.md)
+cluster-scale: setup
+	$(PY) scripts/cluster.py scale --json artifacts/cluster_scale.json $(CLUSTER_ARGS)
 
 ## run: local stack without Docker (redis, SeaweedFS S3, SQLite, an interactive and a bulk worker, the API); prints URL and a token
 run: setup

@@ -176,9 +176,6 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
     limits.charge_quota(g.token_id, len(checked))  # a replay above is not charged again
     ids = [db.new_id() for _ in checked]
     batch_id = db.new_id() if len(checked) > 1 else None
-    for jid, c, sha in zip(ids, checked, shas):
-        svc.storage.put_bytes(input_key(jid), c.data, c.content_type, sha,
-                              metadata={"format": c.fmt, "original-name": c.name or ""})
     now = db.utcnow()
     body = {
         "batch_id": batch_id,
@@ -192,6 +189,9 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
                      width=c.width, height=c.height, original_name=c.name)
                 for pos, (jid, c, sha) in enumerate(zip(ids, checked, shas))]
     try:
+        for jid, c, sha in zip(ids, checked, shas):
+            svc.storage.put_bytes(input_key(jid), c.data, c.content_type, sha,
+                                  metadata={"format": c.fmt, "original-name": c.name or ""})
         # Core INSERTs in one transaction (no ORM unit of work: the submit path stays cheap)
         with svc.engine.begin() as conn:
             if batch_id:
@@ -202,19 +202,36 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
                 conn.execute(insert(db.IdempotencyKey), [dict(token_id=g.token_id, key=idem_key,
                                                               fingerprint=fingerprint, status_code=202,
                                                               response=json.dumps(body), created_at=now)])
-    except IntegrityError:
-        for jid in ids:   # a concurrent request with the same key won: undo our uploads, replay its answer
-            try:
-                svc.storage.client.remove_object(svc.storage.bucket, input_key(jid))
-            except Exception:  # noqa: BLE001
-                pass
-        replay = _idempotent_replay(idem_key, fingerprint) if idem_key else None
+    except Exception as exc:
+        # Undo the uploads unless the rows may exist (the COMMIT itself can fail after the server applied it),
+        # so that no input outlives a refused submission. Then either a concurrent request with the same key won
+        # (replay its answer) or the error stands (a database or storage outage: 503, the client retries).
+        _remove_uploads_of_uncommitted(ids)
+        replay = _idempotent_replay(idem_key, fingerprint) if idem_key and isinstance(exc, IntegrityError) else None
         if replay is None:
             raise
         return replay
     # stored and committed: the message follows from the publisher thread (api/publish.py; the sweep backs it up)
     publisher().publish([(jid, queue, batch_id) for jid in ids])
     return 202, body
+
+
+def _remove_uploads_of_uncommitted(ids: list[str]) -> None:
+    svc = services()
+    try:
+        with svc.Session() as session:
+            committed = session.execute(select(db.Job.id).where(db.Job.id == ids[0])).first() is not None
+    except Exception:  # noqa: BLE001 - the database is still away: we cannot know, so keep the inputs
+        log.warning("submission of %d job(s) failed and the database cannot say whether it committed; inputs "
+                    "kept: %s", len(ids), ", ".join(input_key(j) for j in ids))
+        return
+    if committed:
+        return
+    for jid in ids:
+        try:
+            svc.storage.client.remove_object(svc.storage.bucket, input_key(jid))
+        except Exception:  # noqa: BLE001 - best effort; the error the client gets is the original one
+            pass
 
 
 def publisher() -> Publisher:

@@ -281,10 +281,14 @@ def submit_study():
     meta = dict(meta, format=fmt)
     # Nothing identifying is stored: the de-identified, normalised input only (the upload itself only when
     # de-identification is switched off, i.e. the data is anonymous already).
-    input_sha = svc.storage.put_bytes(study_input_key(study_id), payload, "application/x-tar",
-                                      metadata={"format": fmt})
-    if not s.study_deidentify:
-        svc.storage.put_bytes(study_upload_key(study_id), _tar_files(files), "application/x-tar")
+    try:
+        input_sha = svc.storage.put_bytes(study_input_key(study_id), payload, "application/x-tar",
+                                          metadata={"format": fmt})
+        if not s.study_deidentify:
+            svc.storage.put_bytes(study_upload_key(study_id), _tar_files(files), "application/x-tar")
+    except Exception:
+        _delete_quietly(study_id)  # a half-stored study (S3 went away between the two objects) leaves nothing
+        raise
     now = db.utcnow()
     row = dict(id=study_id, token_id=g.token_id, status=db.QUEUED, queue=s.queue_bulk, progress=0.0,
                n_slices=n_slices, attempts=0, idempotency_key=key, upload_fingerprint=fingerprint, created_at=now,
@@ -294,9 +298,9 @@ def submit_study():
     try:
         with svc.engine.begin() as conn:
             conn.execute(insert(db.Study), [row])
-    except IntegrityError:
-        _delete_quietly(study_id)    # a concurrent request with the same key won: answer with its study
-        if key:
+    except Exception as exc:
+        _delete_unless_committed(study_id)  # no stored input may outlive a refused submission
+        if key and isinstance(exc, IntegrityError):  # a concurrent request with the same key won: its study
             with svc.Session() as session:
                 found = _existing(session, key)
             if found is not None:
@@ -321,6 +325,20 @@ def submit_study():
     resp.status_code = 202
     resp.headers["Location"] = url_for("studies.get_study", study_id=study_id)
     return resp
+
+
+def _delete_unless_committed(study_id: str) -> None:
+    """After a failed insert: delete the stored study unless its row exists after all (a COMMIT can fail after
+    the server applied it); when the database cannot say, keep it and log its prefix."""
+    try:
+        with services().Session() as session:
+            if session.execute(select(db.Study.id).where(db.Study.id == study_id)).first() is not None:
+                return
+    except Exception:  # noqa: BLE001 - the database is still away
+        log.warning("study %s: insert failed and the database cannot say whether it committed; %s kept",
+                    study_id, study_prefix(study_id))
+        return
+    _delete_quietly(study_id)
 
 
 def _delete_quietly(study_id: str) -> None:

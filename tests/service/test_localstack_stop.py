@@ -139,6 +139,17 @@ def test_a_killed_run_and_its_reaper_are_cleaned_up_by_the_next_run(tmp_path):
         third = subprocess.run([sys.executable, str(REPO / "scripts" / "localstack.py"), "run", "--var", str(var)],
                                cwd=REPO, capture_output=True, text=True, timeout=60)
         assert third.returncode == 2 and "already running" in third.stderr and "Traceback" not in third.stderr
+        # a worker that dies (Celery can, on a broker reconnect) is started again, and stopped with the rest
+        celery_masters = [p for p in started if " celery " in _cmdline(p) and localstack._pid_alive(p)
+                          and _parents().get(p) == second.pid]
+        assert celery_masters, _describe(started)
+        os.kill(celery_masters[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "starting it again" not in (tmp_path / "second.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "starting it again" in (tmp_path / "second.log").read_text()
+        time.sleep(2)
+        started |= _tree(second.pid, var)
         # Ctrl-C (SIGINT to the group): the orderly path
         os.killpg(second.pid, signal.SIGINT)
         second.wait(90)
