@@ -17,8 +17,9 @@ STUDY_MEDIA_TYPES = "application/zip, application/dicom, application/gzip, appli
 
 #: Fields of a job's and a study's run history (both tables share the state machine in shared/service/db.py).
 _RUN_HISTORY = {
-    "attempts": {"type": "integer", "description": "runs by a worker since the last retry (a run handed back "
-                                                   "after a storage or database outage does not count)"},
+    "attempts": {"type": "integer", "description": "claims by a worker since the last retry"},
+    "handbacks": {"type": "integer", "description": "of those, claims handed back after a storage or database "
+                                                    "outage (not counted against COVIDSEG_JOB_MAX_ATTEMPTS)"},
     "error": {"type": ["string", "null"]},
     "retries": {"type": "integer", "description": "times POST .../retry re-queued it"},
     "previous_error": {"type": ["string", "null"],

@@ -105,7 +105,7 @@ def job_json(job: db.Job) -> dict:
     out = {
         "id": job.id, "status": job.status, "batch_id": job.batch_id, "position": job.position,
         "queue": job.queue, "progress": job.progress, "attempts": job.attempts, "error": job.error,
-        "retries": job.retries or 0, "previous_error": job.previous_error,
+        "retries": job.retries or 0, "previous_error": job.previous_error, "handbacks": job.handbacks or 0,
         "infected_fraction": job.infected_fraction,
         "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at), "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),

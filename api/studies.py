@@ -110,7 +110,7 @@ def study_json(study: db.Study) -> dict:
         "id": study.id, "status": study.status, "progress": round(float(study.progress or 0.0), 1),
         "n_slices": study.n_slices, "format": study.input_format, "deidentified": study.deidentified,
         "queue": study.queue, "attempts": study.attempts, "error": study.error,
-        "retries": study.retries or 0, "previous_error": study.previous_error,
+        "retries": study.retries or 0, "previous_error": study.previous_error, "handbacks": study.handbacks or 0,
         "created_at": _iso(study.created_at), "updated_at": _iso(study.updated_at),
         "started_at": _iso(study.started_at), "finished_at": _iso(study.finished_at),
         "metadata": _loads(study.meta) or {},

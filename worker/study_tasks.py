@@ -130,10 +130,10 @@ def process_study(self, study_id):
         f"study {study_id}")
     if study is None:
         return {"claimed": 0}   # finished, cancelled or held by a live worker: a duplicate message is a no-op
-    if study.attempts > s.job_max_attempts:
+    if db.crashed_runs(study) > s.job_max_attempts:
         with r.Session() as session:
-            db.study_finish_failure(session, study_id, lease, f"gave up after {study.attempts - 1} attempts "
-                                                              "(worker lost or time limit exceeded)")
+            db.study_finish_failure(session, study_id, lease, f"gave up after {db.crashed_runs(study) - 1} "
+                                                              "attempts (worker lost or time limit exceeded)")
         return {"claimed": 1, "failed": 1}
     hb = _StudyHeartbeat(r.Session, study_id, lease, s.heartbeat_interval)
     hb.start()

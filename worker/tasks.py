@@ -174,10 +174,10 @@ def process_jobs(self, job_ids):
     if not jobs:
         return {"claimed": 0}
     with r.Session() as session:
-        for j in [j for j in jobs if j.attempts > s.job_max_attempts]:
-            db.finish_failure(session, j.id, lease,
-                              f"gave up after {j.attempts - 1} attempts (worker lost or time limit exceeded)")
-    jobs = [j for j in jobs if j.attempts <= s.job_max_attempts]
+        for j in [j for j in jobs if db.crashed_runs(j) > s.job_max_attempts]:
+            db.finish_failure(session, j.id, lease, f"gave up after {db.crashed_runs(j) - 1} attempts "
+                              "(worker lost or time limit exceeded)")
+    jobs = [j for j in jobs if db.crashed_runs(j) <= s.job_max_attempts]
     jobs += _gather(r, jobs, lease, worker_name)
     clock.lap("claim")
     done: set[str] = set()
@@ -225,13 +225,13 @@ def _gather(r, jobs, lease: str, worker_name: str) -> list:
                 db.Job.status == db.QUEUED, db.Job.queue == s.queue_interactive, db.Job.batch_id.is_(None),
                 db.Job.id.not_in([j.id for j in jobs])).order_by(db.Job.seq).limit(room)).scalars().all()
             extra = db.claim_jobs(session, ids, lease, worker_name, s.stale_after) if ids else []
-            for j in [j for j in extra if j.attempts > s.job_max_attempts]:
-                db.finish_failure(session, j.id, lease,
-                                  f"gave up after {j.attempts - 1} attempts (worker lost or time limit exceeded)")
+            for j in [j for j in extra if db.crashed_runs(j) > s.job_max_attempts]:
+                db.finish_failure(session, j.id, lease, f"gave up after {db.crashed_runs(j) - 1} attempts "
+                                  "(worker lost or time limit exceeded)")
     except TRANSIENT as exc:   # an optimisation: the message's own jobs go ahead (anything claimed goes stale
         log.warning("gather failed: %s", exc)   # and the sweep re-queues it)
         return []
-    return [j for j in extra if j.attempts <= s.job_max_attempts]
+    return [j for j in extra if db.crashed_runs(j) <= s.job_max_attempts]
 
 
 def _fail_all(r, job_ids, lease, error):

@@ -129,6 +129,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     previous_error: Mapped[str | None] = mapped_column(Text)   # why the run before the last retry ended
+    # claims handed back after a storage/database outage: counted in attempts, not against job_max_attempts
+    handbacks: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -247,7 +249,7 @@ def audit(session, actor: str, action: str, target: str | None = None, client: s
 # --- job state transitions (conditional updates: a finished job never moves backwards) -------------------------
 from datetime import timedelta  # noqa: E402
 
-from sqlalchemy import and_, case, func, or_, select, update  # noqa: E402
+from sqlalchemy import and_, func, or_, select, update  # noqa: E402
 
 
 # Generic transitions, shared by Job and Study (both have the same lifecycle columns: status, claim_token,
@@ -302,14 +304,15 @@ def _finish_failure(session, model, row_id: str, lease: str | None, error: str) 
 
 
 def _release(session, model, ids, lease: str, count_attempt: bool = True) -> list[str]:
-    """running (under `lease`) -> queued. `count_attempt=False` hands the claim's attempt back: the run was
-    stopped by a transient storage or database error (bounded by the task's own retries, task_max_retries), not
-    by a crash or a time limit, so it must not use up the job's crash budget (job_max_attempts)."""
+    """running (under `lease`) -> queued. `count_attempt=False` records a hand-back (`handbacks` + 1): the run
+    was stopped by a transient storage or database error (bounded by the task's own retries, task_max_retries),
+    not by a crash or a time limit, so it must not use up the crash budget (job_max_attempts, which counts
+    attempts - handbacks). `attempts` still counts every claim, so model runs <= attempts holds."""
     now = utcnow()
     out = []
     values = dict(status=QUEUED, claim_token=None, progress=0, updated_at=now, dispatched_at=now)
     if not count_attempt:
-        values["attempts"] = case((model.attempts > 0, model.attempts - 1), else_=0)
+        values["handbacks"] = model.handbacks + 1
     for row_id in ids:
         res = session.execute(update(model).where(model.id == row_id, model.status == RUNNING,
                                                   model.claim_token == lease).values(**values))
@@ -341,7 +344,7 @@ def _retry(session, model, row_id: str, result_columns: tuple[str, ...]) -> bool
     or "cancelled"); UPDATE's right-hand sides read the row's values from before the statement."""
     now = utcnow()
     res = session.execute(update(model).where(model.id == row_id, model.status.in_((FAILED, CANCELLED)))
-                          .values(status=QUEUED, attempts=0, error=None, progress=0, finished_at=None,
+                          .values(status=QUEUED, attempts=0, handbacks=0, error=None, progress=0, finished_at=None,
                                   retries=model.retries + 1, previous_error=func.coalesce(model.error, model.status),
                                   started_at=None, heartbeat_at=None, claim_token=None, dispatched_at=None,
                                   updated_at=now, **{c: None for c in result_columns}))
@@ -354,10 +357,10 @@ def _requeue_stale(session, model, stale_after: float, max_attempts: int, limit:
     claims (a row that keeps killing workers must not loop forever). Returns (requeued ids, failed ids)."""
     now = utcnow()
     stale = now - timedelta(seconds=stale_after)
-    rows = session.execute(select(model.id, model.attempts, model.claim_token).where(
+    rows = session.execute(select(model.id, model.attempts - model.handbacks, model.claim_token).where(
         model.status == RUNNING, _stale_heartbeat(model, stale)).limit(limit)).all()
     requeued, failed = [], []
-    for row_id, attempts, lease in rows:
+    for row_id, attempts, lease in rows:  # attempts here: claims that did not end in a hand-back
         # re-check lease and heartbeat in the UPDATE: the row may have been reclaimed since the SELECT
         base = update(model).where(model.id == row_id, model.status == RUNNING,
                                    (model.claim_token == lease) if lease else model.claim_token.is_(None),
@@ -459,6 +462,8 @@ class Study(Base):
     error: Mapped[str | None] = mapped_column(Text)
     retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     previous_error: Mapped[str | None] = mapped_column(Text)   # why the run before the last retry ended
+    # claims handed back after a storage/database outage: counted in attempts, not against job_max_attempts
+    handbacks: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     upload_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)  # SHA-256 over the uploaded files
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
@@ -561,3 +566,8 @@ def requeue_stale_studies(session, stale_after: float, max_attempts: int) -> tup
     """Running studies without a heartbeat for `stale_after` s: back to queued, or failed after `max_attempts`
     claims. Returns (requeued ids, failed ids)."""
     return _requeue_stale(session, Study, stale_after, max_attempts, limit=1000)
+
+
+def crashed_runs(row) -> int:
+    """Claims of a job or study that did not end in a hand-back: what job_max_attempts limits."""
+    return (row.attempts or 0) - (row.handbacks or 0)

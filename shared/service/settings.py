@@ -66,9 +66,9 @@ class Settings:
     task_time_limit: int = _f(150, "Hard time limit (s): the worker child is killed. > task_soft_time_limit.")
     task_max_retries: int = _f(5, "Retries of a task after transient storage/database errors.")
     retry_backoff_max: int = _f(60, "Upper bound of the exponential retry back-off (s).")
-    job_max_attempts: int = _f(3, "Runs of one job that ended in a worker crash or a time limit before it is "
-                                  "marked failed (a run handed back after a storage or database outage does "
-                                  "not count: task_max_retries bounds those).")
+    job_max_attempts: int = _f(3, "Claims of one job (worker crashes, timeouts) before it is marked failed; "
+                                  "claims handed back after a storage or database outage (handbacks) do not "
+                                  "count: task_max_retries bounds those.")
     heartbeat_interval: float = _f(5.0, "A running job's heartbeat period (s).")
     stale_after: float = _f(45.0, "A running job without a heartbeat for this long is re-queued by the sweep "
                                   "(its worker died). > 2 * heartbeat_interval.")

@@ -252,7 +252,7 @@ def restored_pg(ctx, backup):
 def test_manifest_records_rows_objects_and_unfinished_work(ctx, backup):
     manifest, out = backup
     assert manifest["format"] == "covidseg-backup" and manifest["database"]["engine"] == "sqlite"
-    assert manifest["alembic_revision"] == "0401_token_scopes_audit"
+    assert manifest["alembic_revision"] == "0402_handbacks"
     tables = manifest["database"]["tables"]
     assert set(tables) == set(ctx.src_rows) and {n: t["rows"] for n, t in tables.items()} == \
         {n: len(rows) for n, rows in ctx.src_rows.items()}
@@ -396,7 +396,7 @@ def test_restore_refuses_another_schema_revision(ctx, backup):
     old = _fresh_sqlite(ctx.tmp, "bkp-old", revision="0301_retry_history")
     rc, _, err = _cli(ctx, "service", "--database-url", old, "restore", "--from", ctx.backup,
                       "--bucket", "bkp-never")
-    assert rc == 2 and err.startswith("error: the backup is at schema revision 0401_token_scopes_audit, the "
+    assert rc == 2 and err.startswith("error: the backup is at schema revision 0402_handbacks, the "
                                       "target database at 0301_retry_history")
     empty = f"sqlite:///{ctx.tmp.mktemp('bkp-unmigrated') / 'x.db'}"
     rc, _, err = _cli(ctx, "service", "--database-url", empty, "restore", "--from", ctx.backup,

@@ -74,26 +74,35 @@ def test_a_failed_upload_half_way_leaves_no_input(app, token, monkeypatch):
     assert _inputs(app) == before
 
 
-def test_release_after_an_outage_hands_the_attempt_back(app, token):
+def test_a_hand_back_after_an_outage_is_an_attempt_but_not_a_crash(app, token):
     from sqlalchemy import select
 
     from shared.service import db
     client = app.test_client()
     job_id = _post(client, token, 1).get_json()["jobs"][0]["id"]
     svc = app.extensions["covidseg"]
+
+    def row():
+        return session.execute(select(db.Job).where(db.Job.id == job_id)).scalar_one()
+
     with svc.Session() as session:
-        for _ in range(5):       # five storage outages in a row: the job is still on its first attempt
+        for _ in range(5):       # five storage outages in a row
             assert db.claim_jobs(session, [job_id], "lease-x", "w", stale_after=45.0)
             session.commit()
             assert db.release(session, [job_id], "lease-x", count_attempt=False) == [job_id]
-        assert session.scalar(select(db.Job.attempts).where(db.Job.id == job_id)) == 0
-        # a time limit counts
+        session.expire_all()
+        assert (row().attempts, row().handbacks, db.crashed_runs(row())) == (5, 5, 0)
+        # a time limit counts against the crash budget
         assert db.claim_jobs(session, [job_id], "lease-y", "w", stale_after=45.0)
         session.commit()
         assert db.release(session, [job_id], "lease-y") == [job_id]
-        assert session.scalar(select(db.Job.attempts).where(db.Job.id == job_id)) == 1
+        session.expire_all()
+        assert (row().attempts, row().handbacks, db.crashed_runs(row())) == (6, 5, 1)
         # only the lease holder can hand a run back
         assert db.claim_jobs(session, [job_id], "lease-z", "w", stale_after=45.0)
         session.commit()
         assert db.release(session, [job_id], "someone-else", count_attempt=False) == []
-        assert session.scalar(select(db.Job.attempts).where(db.Job.id == job_id)) == 2
+        session.expire_all()
+        assert (row().attempts, row().handbacks) == (7, 5)
+    r = client.get(f"/api/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}).get_json()
+    assert (r["attempts"], r["handbacks"]) == (7, 5)
