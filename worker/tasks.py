@@ -293,14 +293,25 @@ def _process(r: _Resources, jobs, lease: str, done: set, clock: _Clock) -> None:
         return
     probs = r.get_segmenter().predict(images, batch_size=s.infer_batch_size)
     clock.lap("infer")
-    stored = [pool.submit(_render_store, r, j.id, img, prob) for j, img, prob in zip(ok, images, probs)]
+    # Store only what this lease still holds: a worker that was frozen or cut off while another took its jobs
+    # over must not rewrite their results (the lease protects the rows; this protects the objects).
     with r.Session() as session:
         db.heartbeat(session, [j.id for j in ok], lease, progress=70)
-        for j, fut in zip(ok, stored):
+        held = set(session.scalars(select(db.Job.id).where(db.Job.id.in_([j.id for j in ok]),
+                                                           db.Job.status == db.RUNNING,
+                                                           db.Job.claim_token == lease)).all())
+    lost = [j.id for j in ok if j.id not in held]
+    if lost:
+        log.warning("jobs %s: lease lost before storing results (taken over or cancelled); not stored", lost)
+        done.update(lost)
+    keep = [(j, img, prob) for j, img, prob in zip(ok, images, probs) if j.id in held]
+    stored = [pool.submit(_render_store, r, j.id, img, prob) for j, img, prob in keep]
+    with r.Session() as session:
+        for (j, _, _), fut in zip(keep, stored):
             sums, fraction = fut.result()          # a storage error here propagates: the task retries
             if not db.finish_success(session, j.id, lease, fraction, json.dumps(sums, sort_keys=True)):
-                current = session.get(db.Job, j.id, populate_existing=True)
-                if current is not None and current.status == db.CANCELLED:
+                status = session.scalar(select(db.Job.status).where(db.Job.id == j.id))  # by id, not by seq
+                if status == db.CANCELLED:
                     r.storage.delete_prefix(result_prefix(j.id))   # cancelled while running: keep no results
             done.add(j.id)
     clock.lap("store")

@@ -68,6 +68,45 @@ def test_docker_compose_services_and_env_match_settings():
     assert "celery" in " ".join(services["worker"]["command"])
 
 
+def _replicas(value, default: int) -> int:
+    """A compose `deploy.replicas`: an int, or "${VAR:-n}" (interpolated by compose) -> its default n."""
+    import re
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*:-(\d+)\}", str(value))
+    assert m, f"replicas {value!r} is neither an int nor ${{VAR:-n}}"
+    return int(m.group(1)) if m else default
+
+
+def test_docker_compose_scales_out_workers_and_api():
+    """Scale-out (docs/SCALING.md): worker replicas per queue, and profile `scale` with more API replicas behind a
+    round-robin proxy; the defaults keep today's single-replica stack."""
+    import yaml
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in ("worker", "worker-bulk"):
+        deploy = services[name]["deploy"]
+        assert _replicas(deploy["replicas"], 1) >= 1, name
+        assert "${" in str(deploy["replicas"]), f"{name}: the replica count should come from the environment"
+        assert deploy["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"], name
+        assert "%h" in " ".join(services[name]["command"]), f"{name}: replicas need distinct node names"
+    assert "profiles" not in services["api"] and "profiles" not in services["worker"]   # default stack unchanged
+    replica, lb = services["api-replica"], services["lb"]
+    assert replica["profiles"] == ["scale"] and lb["profiles"] == ["scale"]
+    assert _replicas(replica["deploy"]["replicas"], 2) >= 2
+    assert "gunicorn" in " ".join(replica["command"]) and "ports" not in replica   # replicas cannot share a port
+    assert replica["environment"]["COVIDSEG_API_BIND"].startswith("0.0.0.0:")
+    assert replica["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "healthcheck" in replica and "healthcheck" in lb
+    assert lb["ports"] == ["8080:8080"]
+    conf_name = lb["configs"][0]["source"]
+    conf = compose["configs"][conf_name]["content"]
+    port = replica["environment"]["COVIDSEG_API_BIND"].rsplit(":", 1)[1]
+    assert f"server api:{port};" in conf and f"server api-replica:{port};" in conf
+    assert "$$host" in conf and "$host" not in conf.replace("$$host", "")   # compose interpolation escaped
+    assert lb["depends_on"]["api-replica"]["condition"] == "service_healthy"
+
+
 def test_api_never_imports_tensorflow():
     code = ("import sys, os; os.environ['COVIDSEG_DATABASE_URL']='sqlite://'\n"
             "from api import create_app\n"
