@@ -17,7 +17,7 @@ from api.auth import require_token, services
 from api.errors import ApiError, error_response
 from api.params import created_range_and_page, filter_status, page_of
 from api.publish import Publisher
-from api.uploads import check_upload, file_parts
+from api.uploads import check_upload, discard_unless_committed, file_parts
 from shared.service import db
 from shared.service.celery_app import dispatch
 from shared.service.storage import RESULT_KINDS, input_key, result_key
@@ -206,7 +206,8 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
         # Undo the uploads unless the rows may exist (the COMMIT itself can fail after the server applied it),
         # so that no input outlives a refused submission. Then either a concurrent request with the same key won
         # (replay its answer) or the error stands (a database or storage outage: 503, the client retries).
-        _remove_uploads_of_uncommitted(ids)
+        discard_unless_committed(db.Job, ids[0], lambda: _remove_uploads(ids),
+                                 ", ".join(input_key(j) for j in ids))
         replay = _idempotent_replay(idem_key, fingerprint) if idem_key and isinstance(exc, IntegrityError) else None
         if replay is None:
             raise
@@ -216,21 +217,12 @@ def _create_jobs(checked, queue: str, idem_key: str | None = None):
     return 202, body
 
 
-def _remove_uploads_of_uncommitted(ids: list[str]) -> None:
+def _remove_uploads(ids: list[str]) -> None:
     svc = services()
-    try:
-        with svc.Session() as session:
-            committed = session.execute(select(db.Job.id).where(db.Job.id == ids[0])).first() is not None
-    except Exception:  # noqa: BLE001 - the database is still away: we cannot know, so keep the inputs
-        log.warning("submission of %d job(s) failed and the database cannot say whether it committed; inputs "
-                    "kept: %s", len(ids), ", ".join(input_key(j) for j in ids))
-        return
-    if committed:
-        return
     for jid in ids:
         try:
             svc.storage.client.remove_object(svc.storage.bucket, input_key(jid))
-        except Exception:  # noqa: BLE001 - best effort; the error the client gets is the original one
+        except Exception:  # noqa: BLE001 - best effort
             pass
 
 

@@ -36,7 +36,7 @@ from api.auth import require_token, services
 from api.errors import ApiError
 from api.params import created_range_and_page, filter_status, page_of
 from api.routes import _ID, _IDEMPOTENCY_KEY, _iso, _json_body
-from api.uploads import file_parts, sanitize_filename
+from api.uploads import discard_unless_committed, file_parts, sanitize_filename
 from shared.service import db
 from shared.core import dicom_seg
 from shared.service.celery_app import dispatch_studies
@@ -299,7 +299,8 @@ def submit_study():
         with svc.engine.begin() as conn:
             conn.execute(insert(db.Study), [row])
     except Exception as exc:
-        _delete_unless_committed(study_id)  # no stored input may outlive a refused submission
+        # no stored input may outlive a refused submission
+        discard_unless_committed(db.Study, study_id, lambda: _delete_quietly(study_id), study_prefix(study_id))
         if key and isinstance(exc, IntegrityError):  # a concurrent request with the same key won: its study
             with svc.Session() as session:
                 found = _existing(session, key)
@@ -325,20 +326,6 @@ def submit_study():
     resp.status_code = 202
     resp.headers["Location"] = url_for("studies.get_study", study_id=study_id)
     return resp
-
-
-def _delete_unless_committed(study_id: str) -> None:
-    """After a failed insert: delete the stored study unless its row exists after all (a COMMIT can fail after
-    the server applied it); when the database cannot say, keep it and log its prefix."""
-    try:
-        with services().Session() as session:
-            if session.execute(select(db.Study.id).where(db.Study.id == study_id)).first() is not None:
-                return
-    except Exception:  # noqa: BLE001 - the database is still away
-        log.warning("study %s: insert failed and the database cannot say whether it committed; %s kept",
-                    study_id, study_prefix(study_id))
-        return
-    _delete_quietly(study_id)
 
 
 def _delete_quietly(study_id: str) -> None:

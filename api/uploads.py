@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import struct
 import unicodedata
@@ -19,6 +20,8 @@ import zlib
 from dataclasses import dataclass
 
 from api.errors import ApiError
+
+log = logging.getLogger("covidseg.api")
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "tiff": "image/tiff", "dicom": "application/dicom"}
 
@@ -163,6 +166,25 @@ def file_parts(field: str, max_request_bytes: int) -> tuple[list, list[str]]:
         raise ApiError(400, "file_without_filename", f"the `{field}` part has no filename; send it as a file "
                        f"(Content-Disposition: form-data; name=\"{field}\"; filename=\"...\")")
     return files, [k for k in list(request.files.keys()) + list(request.form.keys()) if k != field]
+
+
+def discard_unless_committed(model, row_id: str, discard, what: str) -> None:
+    """After a failed submission: `discard()` what it stored, unless the `model` row `row_id` exists after all
+    (a COMMIT can fail after the server applied it). When the database cannot say, keep it and log `what`."""
+    from flask import current_app
+    from sqlalchemy import select
+
+    try:
+        with current_app.extensions["covidseg"].Session() as session:
+            if session.execute(select(model.id).where(model.id == row_id)).first() is not None:
+                return
+    except Exception:  # noqa: BLE001 - the database is still away: we cannot know, so keep the objects
+        log.warning("a submission failed and the database cannot say whether it committed; kept: %s", what)
+        return
+    try:
+        discard()
+    except Exception:  # noqa: BLE001 - best effort; the error the client gets is the original one
+        pass
 
 
 def check_upload(data: bytes, filename: str | None, settings, index: int = 0) -> CheckedUpload:

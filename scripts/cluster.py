@@ -452,13 +452,20 @@ def _machine() -> dict:
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def cmd_run(args) -> int:
+def _ready_to_run() -> bool:
+    """Namespaces can be made here; signals tear the cluster down; stale clusters of killed runs are removed."""
     ok, why = namespaces_supported()
     if not ok:
         print(f"cannot run: {why}", file=sys.stderr)
-        return 3
+        return False
     _install_signal_handlers()
     cleanup(stale=True)
+    return True
+
+
+def cmd_run(args) -> int:
+    if not _ready_to_run():
+        return 3
     t0 = time.monotonic()
     result = {"machine": _machine()}
     sup = Supervisor(args, args.workers)
@@ -494,12 +501,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_scale(args) -> int:
-    ok, why = namespaces_supported()
-    if not ok:
-        print(f"cannot run: {why}", file=sys.stderr)
+    if not _ready_to_run():
         return 3
-    _install_signal_handlers()
-    cleanup(stale=True)
     hosts = [int(x) for x in args.hosts.split(",")]
     t0 = time.monotonic()
     result = {"machine": _machine(), "slices": args.slices, "rounds": args.rounds, "backend": args.backend,
