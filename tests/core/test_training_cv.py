@@ -85,6 +85,16 @@ def test_train_argv_is_the_recipe():
     assert cv.fold_dir("runs/cv", "light16", "all") == Path("runs/cv/light16/final")
     with pytest.raises(ValueError, match="unknown recipe"):
         cv.train_argv("nope", 0, "C", "M", "r")
+    bf16 = dict(zip(*[iter(cv.train_argv("light22-bf16", "all", "C", "M", "r")[8:])] * 2))
+    assert bf16["--precision"] == "bf16" and bf16["--medseg-fraction"] == "0.3" and bf16["--epochs"] == "22"
+
+
+def test_threads_option_defaults_to_every_core():
+    from training import train
+
+    p = train.argparse.ArgumentParser()
+    train.add_arguments(p)
+    assert p.parse_args(["--run-dir", "r"]).threads == 0 and p.parse_args(["--run-dir", "r", "--threads", "1"]).threads == 1
 
 
 def _metrics(fold, covid, medseg, hours):
@@ -125,3 +135,10 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     assert metrics["covid"]["n_images"] == 2 and metrics["medseg"]["n_images"] == 1 and 0.0 <= metrics["covid"]["mean_dice"] <= 1
     assert cv.main(["table", "--run-root", str(tmp_path / "cv"), "--out", str(tmp_path / "t.md")]) == 0
     assert "| tiny | 1 of 2 |" in (tmp_path / "t.md").read_text()
+    # --record keeps the small files of the fold (no weights) in the committed layout; table and plot read it
+    assert cv.main(["evaluate", *base, "--record", str(tmp_path / "record")]) == 0
+    kept = tmp_path / "record" / "tiny" / "fold0"
+    assert sorted(p.name for p in kept.iterdir()) == ["log.csv", "metrics.json"]
+    assert json.loads((kept / "metrics.json").read_text()) == metrics
+    assert cv.main(["table", "--run-root", str(tmp_path / "record"), "--plot", str(tmp_path / "c.png")]) == 0
+    assert "| tiny | 1 of 2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 1000
