@@ -104,8 +104,8 @@ def main(argv=None) -> int:
         state = json.loads((Path(args.run_dir) / "state.json").read_text())
         run_args = argparse.Namespace(**state["args"])
         train, _, _ = data.split(args.covid_root, args.medseg_root)
-        n_bn = update_batchnorm(model, batches(_load(train), run_args, np.random.default_rng(args.seed)),
-                                args.bn_batches)
+        framed = _load(train, getattr(run_args, "framing", "full"))
+        n_bn = update_batchnorm(model, batches(framed, run_args, np.random.default_rng(args.seed)), args.bn_batches)
     epochs = [m.get("epoch") for m in metas]
     meta = {"epoch": max((e for e in epochs if e is not None), default=None), "averaged_epochs": epochs,
             "averaged_files": [c.name for c in paths],

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
             "medseg-100-train": [s for s in train if s.domain == "medseg"]}
     predict = lambda x: net.predict_on_batch(x)[..., 0]  # noqa: E731
     per_domain = {name: dice_by_threshold(((prob, mask) for _, mask, prob in
-                                           native_probabilities(predict, samples, desc=f"calibrate {name}")),
+                                           native_probabilities(predict, samples, desc=f"calibrate {name}",
+                                                                framing=meta.get("framing", "full"))),
                                           thresholds)
                   for name, samples in sets.items() if samples}
     chosen, score = choose_threshold(per_domain, thresholds)

@@ -37,6 +37,11 @@ RECIPES: dict[str, dict] = {
     # first fold ran; the final model is the same schedule on every slice.
     "light22-bf16": {"epochs": 22, "augment": "light", "lr": 1e-3, "steps_per_epoch": 150, "batch_size": 8,
                      "crop": 224, "val_limit": 48, "medseg_fraction": 0.3, "precision": "bf16"},
+    # the same with lung framing (shared.core.framing): COVID-19-CT-Seg slices cut to their lung box as MedSeg's
+    # already are (1.70x zoom on average, 0.01 % of infection pixels outside the frame: docs/cv/framing.json)
+    "light22-bf16-lung": {"epochs": 22, "augment": "light", "lr": 1e-3, "steps_per_epoch": 150, "batch_size": 8,
+                          "crop": 224, "val_limit": 48, "medseg_fraction": 0.3, "precision": "bf16",
+                          "framing": "lung"},
 }
 
 
@@ -70,10 +75,11 @@ def evaluate_fold(run_dir: Path, covid_root, medseg_root, batch_size: int = 8) -
     def predict(x):
         return model.predict_on_batch(x)[..., 0]
 
+    framing = state["args"].get("framing", "full")
     result = {"fold": fold, "epoch": state["epoch"], "epochs": state["args"]["epochs"],
-              "train_hours": round(state.get("train_seconds", 0.0) / 3600, 2),
-              "covid": evaluate_samples(predict, val_c, batch_size, desc=f"fold {fold} covid"),
-              "medseg": evaluate_samples(predict, val_m, batch_size, desc=f"fold {fold} medseg")}
+              "train_hours": round(state.get("train_seconds", 0.0) / 3600, 2), "framing": framing,
+              "covid": evaluate_samples(predict, val_c, batch_size, desc=f"fold {fold} covid", framing=framing),
+              "medseg": evaluate_samples(predict, val_m, batch_size, desc=f"fold {fold} medseg", framing=framing)}
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -27,24 +27,27 @@ from training.augment import make_example
 CARD_PATH = model_lib.DEFAULT_WEIGHTS.with_suffix(".json")
 
 
-def native_probabilities(predict, samples, batch_size=8, desc="evaluate"):
-    """Yield (sample, mask, probability) per sample, the probability resized to the mask's own size.
+def native_probabilities(predict, samples, batch_size=8, desc="evaluate", framing: str = "full"):
+    """Yield (sample, mask, probability) per sample, the probability at the mask's own size.
 
-    `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities."""
-    import cv2
+    `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities. `framing`: the weights' own
+    (`shared.core.framing`): each slice's frame goes in, the map is pasted back into the whole slice."""
     from tqdm import tqdm
+
+    from shared.core.framing import frame_slices
 
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, mininterval=5, file=sys.stdout):
         chunk = samples[i:i + batch_size]
         imgs = [data.read_gray(s.image) for s in chunk]
         masks = [data.read_mask(s.mask) for s in chunk]
-        x = np.stack([make_example(im, m, None)[0] for im, m in zip(imgs, masks)])[..., None]
+        frames = frame_slices(imgs, framing)
+        x = np.stack([make_example(f.crop(im), f.crop(m), None)[0] for im, m, f in zip(imgs, masks, frames)])[..., None]
         probs = np.asarray(predict(x), dtype=np.float32)
-        for s, m, p in zip(chunk, masks, probs):
-            yield s, m, cv2.resize(p, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_LINEAR)
+        for s, m, p, f in zip(chunk, masks, probs, frames):
+            yield s, m, f.paste(p)
 
 
-def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
+def evaluate_samples(predict, samples, batch_size=8, desc="evaluate", framing: str = "full") -> dict:
     """Mean/global Dice and IoU, sensitivity, specificity over `samples` (threshold 0.5, native mask size), the
     reductions of `shared.core.metrics.aggregate`, plus `per_group` when the samples share patient groups.
 
@@ -52,7 +55,7 @@ def evaluate_samples(predict, samples, batch_size=8, desc="evaluate") -> dict:
     from shared.core.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
 
     per = [image_scores(s.image.name, p >= 0.5, m > 0)
-           for s, m, p in native_probabilities(predict, samples, batch_size, desc)]
+           for s, m, p in native_probabilities(predict, samples, batch_size, desc, framing)]
     out = {k: aggregate(per)[k] for k in SUMMARY_KEYS}
     group_of = {s.image.name: s.group for s in samples}
     if len(set(group_of.values())) < len(group_of):  # MedSeg: one image per group, nothing to add
@@ -106,8 +109,9 @@ def main(argv=None) -> int:
     net = model_lib.load_model(cand)
     t0 = time.time()
     fp32 = lambda x: net.predict_on_batch(x)[..., 0]  # noqa: E731
-    metrics = {"covid19-ct-seg-256 held-out groups": evaluate_samples(fp32, val_c),
-               "medseg-100-train held-out images": evaluate_samples(fp32, val_m)}
+    framing = _weights_metadata(cand).get("framing", "full")
+    metrics = {"covid19-ct-seg-256 held-out groups": evaluate_samples(fp32, val_c, framing=framing),
+               "medseg-100-train held-out images": evaluate_samples(fp32, val_m, framing=framing)}
     score = float(np.mean([m["mean_dice"] for m in metrics.values()]))
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
     from shared.core.inference import Segmenter
 
     int8 = Segmenter(weights=cand, backend="int8")
-    int8_metrics = {name: evaluate_samples(int8.predict_model_input, samples, desc="evaluate int8")
+    int8_metrics = {name: evaluate_samples(int8.predict_model_input, samples, desc="evaluate int8", framing=framing)
                     for name, samples in (("covid19-ct-seg-256 held-out groups", val_c),
                                           ("medseg-100-train held-out images", val_m))} \
         if int8.backend == "int8" else {"error": "the INT8 backend could not be built"}
@@ -156,6 +160,7 @@ def main(argv=None) -> int:
             "medseg_split": f"random.Random({data.MEDSEG_SPLIT_SEED}).sample of {data.MEDSEG_VAL_COUNT} stems",
             "n_train_slices": len(data.split(args.covid_root, args.medseg_root)[0]),
         },
+        "framing": framing,
         "preprocessing": "shared.core.preprocessing.preprocess: grayscale -> resize to 448 (INTER_AREA down, "
                          "INTER_CUBIC up) -> per-image min-max -> uint8 -> CLAHE(clip 4, 8x8) -> /255",
         **({"output_calibration": meta["output_calibration"]} if meta.get("output_calibration") else {}),

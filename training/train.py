@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", choices=sorted(augment.PROFILES), default="full",
                    help="augmentation profile (default full: wide ranges that bridge the two domains; light: "
                    "narrower, for fine-tuning a run that is still under-fitted)")
+    p.add_argument("--framing", choices=["full", "lung"], default="full",
+                   help="what the model sees of each slice (shared.core.framing): full (default) or lung (the "
+                   "learned lung mask's bounding box, as MedSeg slices already are); stored in the weights' "
+                   "metadata, so serving frames the same way")
     p.add_argument("--no-augment", action="store_true", help="disable augmentation (debugging)")
 
 
@@ -85,8 +89,18 @@ def lr_at(epoch: int, args) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _load(samples):
-    return [(data.read_gray(s.image), data.read_mask(s.mask), s.domain) for s in samples]
+def frame_examples(examples, framing: str = "full"):
+    """[(image, mask, domain)] -> the same, each image and mask cut to the image's frame (`shared.core.framing`,
+    the function serving uses)."""
+    from shared.core.framing import frame_slices
+
+    frames = frame_slices([img for img, _, _ in examples], framing)
+    return [(f.crop(img), f.crop(mask), d) for (img, mask, d), f in zip(examples, frames)]
+
+
+def _load(samples, framing: str = "full"):
+    """[(image, mask, domain)] of the samples, framed."""
+    return frame_examples([(data.read_gray(s.image), data.read_mask(s.mask), s.domain) for s in samples], framing)
 
 
 def _generic_samples(images_dir, masks_dir):
@@ -116,19 +130,17 @@ def batches(train, args, rng):
 
 
 def validate(model, val, batch_size=8):
-    """Mean per-image Dice (threshold 0.5, at each mask's native size) over `val` [(img, mask, domain)]."""
+    """Mean per-image Dice (threshold 0.5, at each mask's native size) over `val` [(img, mask, domain, frame)]:
+    the framed image in, the probability pasted back into the whole slice, scored against the whole mask."""
     from shared.core.metrics import dice_iou_counts  # noqa: PLC0415
-
-    import cv2
 
     dices = []
     for i in range(0, len(val), batch_size):
         chunk = val[i:i + batch_size]
-        x = np.stack([augment.make_example(img, m, None)[0] for img, m, _ in chunk])[..., None]
+        x = np.stack([augment.make_example(f.crop(img), f.crop(m), None)[0] for img, m, _, f in chunk])[..., None]
         probs = model.predict_on_batch(x)[..., 0].astype(np.float32)
-        for (img, m, _), p in zip(chunk, probs):
-            p = cv2.resize(p, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_LINEAR)
-            dices.append(dice_iou_counts(p >= 0.5, m > 0)[0])
+        for (_, m, _, f), p in zip(chunk, probs):
+            dices.append(dice_iou_counts(f.paste(p) >= 0.5, m > 0)[0])
     return float(np.mean(dices)) if dices else float("nan")
 
 
@@ -169,9 +181,13 @@ def run(args) -> int:
     from tqdm import tqdm
 
     if getattr(args, "threads", 0):
-        # before TensorFlow's first op: the thread pools are fixed once the runtime starts
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        # only before TensorFlow's first op: the thread pools are fixed once the runtime starts
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        except RuntimeError:
+            print(f"warning: --threads {args.threads} ignored: TensorFlow is already running in this process",
+                  file=sys.stderr)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.json"
@@ -179,7 +195,7 @@ def run(args) -> int:
     if state:
         # a resumed run keeps its data and hyper-parameters; only --epochs may grow it
         # runs saved before profiles used full; before folds, the fixed hold-out
-        for k, v in {"augment": "full", "fold": None, **state["args"]}.items():
+        for k, v in {"augment": "full", "fold": None, "framing": "full", **state["args"]}.items():
             if k not in ("epochs", "run_dir", "val_limit", "threads"):
                 setattr(args, k, v)
     if args.images and args.masks:
@@ -196,8 +212,16 @@ def run(args) -> int:
         return 2
     print(f"train {len(train)} slices | val covid {len(val_c)} | val medseg {len(val_m)}", flush=True)
     tf.keras.utils.set_random_seed(args.seed)
-    train_arr = _load(train)
-    val_sets = {"covid": _load(val_c), "medseg": _load(val_m)}
+    from shared.core.framing import frame_slices
+
+    framing = getattr(args, "framing", "full")
+    train_arr = _load(train, framing)
+    # validation keeps the whole slice and its frame: Dice is scored on the whole mask, as serving is
+    val_sets = {}
+    for name, samples in (("covid", val_c), ("medseg", val_m)):
+        loaded = [(data.read_gray(s.image), data.read_mask(s.mask), s.domain) for s in samples]
+        frames = frame_slices([img for img, _, _ in loaded], framing)
+        val_sets[name] = [(*t, f) for t, f in zip(loaded, frames)]
     if args.val_limit:
         # evenly spaced, so every held-out patient group stays represented
         val_sets = {k: [v[int(i)] for i in np.unique(np.linspace(0, len(v) - 1, min(len(v), args.val_limit)).round())]
@@ -253,7 +277,8 @@ def run(args) -> int:
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow([epoch + 1, f"{lr:.6g}", f"{np.mean(losses):.5f}", f"{np.mean(ious):.4f}",
                                     f"{dc:.4f}", f"{dm:.4f}", f"{score:.4f}", f"{dt:.1f}"])
-        meta = {"epoch": epoch + 1, "val_dice_covid": dc, "val_dice_medseg": dm, "score": score}
+        meta = {"epoch": epoch + 1, "val_dice_covid": dc, "val_dice_medseg": dm, "score": score,
+                "framing": framing}
         model_lib.save_weights(model, run_dir / "last.h5", metadata=meta)
         if score > best:
             best = score

@@ -22,8 +22,9 @@ Backends
   `backend="fp32"` stays available (and is the reference of every check).
 
 Contract: `Segmenter(...).predict(images)` -> list of float32 (H, W) probability maps, each at its input's own
-size (the 448x448 output is resized back with INTER_LINEAR). Inputs are preprocessed with
-`shared.core.preprocessing.preprocess` (the same function training uses).
+size (the 448x448 output is resized back with INTER_LINEAR). Each input is first framed (`shared.core.framing`:
+the whole image, or for weights trained with lung framing its lung bounding box, the map being 0 outside it),
+then preprocessed with `shared.core.preprocessing.preprocess`: the same two functions training uses.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import numpy as np
 
 from shared.core import model as model_lib  # sets SM_FRAMEWORK / TF_USE_LEGACY_KERAS before TensorFlow loads
 from shared.core.preprocessing import INPUT_SIZE, MODES, preprocess
+from shared.core.framing import FRAMINGS, Frame, frame_slices
 
 BACKENDS = ("auto", "fp32", "bf16", "int8")
 #: "auto" keeps int8 only when its calibration-set Dice is within this of fp32's.
@@ -289,31 +291,30 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: np.ndarray) -> 
     return out_path
 
 
-def _calibration_inputs(pairs, mode: str) -> np.ndarray:
-    """Preprocessed calibration slices plus their left-right mirrors (more varied activation ranges)."""
+def _calibration_inputs(pairs, mode: str, framing: str = "full") -> np.ndarray:
+    """Preprocessed (framed) calibration slices plus their left-right mirrors (more varied activation ranges)."""
     xs = []
-    for _, img, _ in pairs:
-        x = preprocess(img, mode)
+    imgs = [img for _, img, _ in pairs]
+    for img, frame in zip(imgs, frame_slices(imgs, framing)):
+        x = preprocess(frame.crop(img), mode)
         xs += [x, x[:, ::-1]]
     return np.ascontiguousarray(np.stack(xs)[..., None], dtype=np.float32)
 
 
-def _dice_check(fp32_run, int8_run, pairs, mode: str) -> dict:
+def _dice_check(fp32_run, int8_run, pairs, mode: str, framing: str = "full") -> dict:
     """Mean per-image Dice (threshold 0.5, at the mask's size) of fp32 and int8 on the labelled pairs."""
-    import cv2
-
     from shared.core.metrics import dice_iou_counts
 
     labelled = [(n, img, m) for n, img, m in pairs if m is not None]
     if not labelled:
         return {"n_images": 0}
-    x = np.stack([preprocess(img, mode) for _, img, _ in labelled])[..., None]
+    frames = frame_slices([img for _, img, _ in labelled], framing)
+    x = np.stack([preprocess(f.crop(img), mode) for (_, img, _), f in zip(labelled, frames)])[..., None]
     out = {}
     probs = {}
     for name, run in (("fp32", fp32_run), ("int8", int8_run)):
         ps = np.concatenate([run(x[i:i + 4]) for i in range(0, len(x), 4)])
-        probs[name] = [cv2.resize(p, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_LINEAR)
-                       for p, (_, _, m) in zip(ps, labelled)]
+        probs[name] = [f.paste(p) for p, f in zip(ps, frames)]
         out[f"dice_{name}"] = float(np.mean([dice_iou_counts(p >= 0.5, m)[0]
                                              for p, (_, _, m) in zip(probs[name], labelled)]))
     out["agreement_dice"] = float(np.mean([dice_iou_counts(a >= 0.5, b >= 0.5)[0]
@@ -323,8 +324,9 @@ def _dice_check(fp32_run, int8_run, pairs, mode: str) -> dict:
     return out
 
 
-def ensure_int8(digest: str, mode: str, keras_factory, root=None, log=None) -> tuple[Path, dict]:
-    """Return (int8 .onnx path, info) for these weights, converting + quantizing once (file-locked)."""
+def ensure_int8(digest: str, mode: str, keras_factory, root=None, log=None, framing: str = "full") -> tuple[Path, dict]:
+    """Return (int8 .onnx path, info) for these weights, converting + quantizing once (file-locked).
+    `framing` is the weights' own (it is fixed by the weights, so the digest already names it)."""
     paths = onnx_cache_paths(digest, mode, root)
     if paths["int8"].is_file() and paths["info"].is_file():
         return paths["int8"], json.loads(paths["info"].read_text())
@@ -340,11 +342,11 @@ def ensure_int8(digest: str, mode: str, keras_factory, root=None, log=None) -> t
         keras_model = keras_factory()
         if not paths["fp32"].is_file():
             export_onnx(keras_model, paths["fp32"])
-        calib = _calibration_inputs(pairs, mode)
+        calib = _calibration_inputs(pairs, mode, framing)
         quantize_int8(paths["fp32"], paths["int8"], calib)
-        info = {"digest": digest, "preprocessing": mode, "recipe": ONNX_RECIPE,
+        info = {"digest": digest, "preprocessing": mode, "framing": framing, "recipe": ONNX_RECIPE,
                 "calibration_slices": len(pairs), "calibration_inputs": int(len(calib)),
-                **_dice_check(_KerasRunner(keras_model), _OrtRunner(paths["int8"]), pairs, mode),
+                **_dice_check(_KerasRunner(keras_model), _OrtRunner(paths["int8"]), pairs, mode, framing),
                 "seconds": round(time.time() - t0, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         tmp = paths["info"].with_name(paths["info"].name + ".tmp")
         tmp.write_text(json.dumps(info, indent=1))
@@ -372,10 +374,12 @@ class Segmenter:
     """The U-Net, loaded once; `predict` maps images of any size to probability maps at their own size.
 
     weights=None -> the shipped weights. `model=` (a built Keras model) replaces weights, e.g. in tests.
+    framing=None -> the weights' own (`metadata["framing"]`, "full" when absent; see `shared.core.framing`).
     """
 
     def __init__(self, weights=None, backend: str = "auto", preprocessing: str = "covidseg", batch_size: int = 8,
-                 *, model=None, cache_root=None, threads: int | None = None, log=_stderr_log):
+                 *, model=None, cache_root=None, threads: int | None = None, log=_stderr_log,
+                 framing: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if preprocessing not in MODES:
@@ -400,6 +404,11 @@ class Segmenter:
             self.weights_format = info["format"]
             self.weights_metadata = info.get("metadata", {})
             self._digest = None
+        if model is not None:
+            self.weights_metadata = {}
+        self.framing = framing or self.weights_metadata.get("framing", "full")
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"unknown framing {self.framing!r}; choose one of {', '.join(FRAMINGS)}")
         self.device = self._device()
         self.backend = self._resolve(backend)
         self._runner = self._make_runner(self.backend)
@@ -448,7 +457,7 @@ class Segmenter:
             return _KerasRunner(self.keras_model("bf16"))
         try:
             path, info = ensure_int8(self.digest, self.preprocessing, lambda: self.keras_model("fp32"),
-                                     root=self.cache_root, log=self._log)
+                                     root=self.cache_root, log=self._log, framing=self.framing)
             runner = _OrtRunner(path, self.threads)
         except WeightsError:
             raise
@@ -466,14 +475,23 @@ class Segmenter:
 
     def describe(self) -> dict:
         return {"backend": self.backend, "requested_backend": self.requested_backend, "device": self.device,
-                "preprocessing": self.preprocessing, "weights": str(self.weights) if self.weights else None,
+                "preprocessing": self.preprocessing, "framing": self.framing,
+                "weights": str(self.weights) if self.weights else None,
                 "weights_format": self.weights_format, "batch_size": self.batch_size,
                 **({"int8_check": self.int8_info} if self.int8_info else {})}
 
     # ---- inference -------------------------------------------------------------------------------------------
-    def prepare(self, images) -> np.ndarray:
-        """Images -> the float32 (N, 448, 448, 1) model input (exactly `preprocess` per image)."""
-        return np.stack([preprocess(im, self.preprocessing) for im in images])[..., None]
+    def frames(self, images) -> list[Frame]:
+        """Where the model looks in each image (`shared.core.framing`; the whole image for framing "full")."""
+        return frame_slices(images, self.framing)
+
+    def prepare(self, images, frames: list[Frame] | None = None) -> np.ndarray:
+        """Images -> the float32 (N, 448, 448, 1) model input: `preprocess` of each image's frame (`frames`, or
+        this Segmenter's framing of them)."""
+        images = list(images)
+        frames = self.frames(images) if frames is None else frames
+        return np.stack([preprocess(f.crop(np.asarray(im)), self.preprocessing)
+                         for im, f in zip(images, frames)])[..., None]
 
     def predict_model_input(self, x: np.ndarray) -> np.ndarray:
         """(N, 448, 448, 1) preprocessed batch -> (N, 448, 448) float32 probabilities (one runner call)."""
@@ -481,8 +499,6 @@ class Segmenter:
 
     def predict(self, images, batch_size: int | None = None, progress: bool = False) -> list[np.ndarray]:
         """List of 2-D/3-D numeric images -> list of float32 (H, W) probability maps at each image's size."""
-        import cv2
-
         images = list(images)
         if not images:
             return []
@@ -495,12 +511,9 @@ class Segmenter:
             bar = tqdm(total=len(images), desc="segmenting", unit="slice", file=sys.stderr)
         for i in range(0, len(images), bs):
             chunk = images[i:i + bs]
-            probs = self.predict_model_input(self.prepare(chunk))
-            for im, p in zip(chunk, probs):
-                h, w = np.asarray(im).shape[:2]
-                if (h, w) != p.shape:
-                    p = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
-                out.append(np.ascontiguousarray(p, dtype=np.float32))
+            frames = self.frames(chunk)
+            probs = self.predict_model_input(self.prepare(chunk, frames))
+            out.extend(f.paste(p) for f, p in zip(frames, probs))  # back to each image's size, 0 off-frame
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
