@@ -60,8 +60,8 @@ PROFILES = {"full": FULL, "light": LIGHT}
 
 
 def _affine(h: int, w: int, size: int, rng: np.random.Generator, domain: str,
-            profile: AugmentProfile = FULL) -> np.ndarray:
-    lo, hi = profile.zoom.get(domain, profile.zoom["covid"])
+            profile: AugmentProfile = FULL, zoom_domain: str | None = None) -> np.ndarray:
+    lo, hi = profile.zoom.get(zoom_domain or domain, profile.zoom["covid"])
     zoom = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     angle = rng.uniform(-profile.max_angle, profile.max_angle)
     if domain == "medseg" and rng.random() < profile.medseg_turn_p:
@@ -100,8 +100,12 @@ def _appearance(img: np.ndarray, rng: np.random.Generator, profile: AugmentProfi
 
 
 def make_example(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None, domain: str = "covid",
-                 size: int = INPUT_SIZE, profile: AugmentProfile = FULL) -> tuple[np.ndarray, np.ndarray]:
+                 size: int = INPUT_SIZE, profile: AugmentProfile = FULL,
+                 zoom_domain: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(gray uint8 native, mask {0,1} native) -> (float32 size x size input, float32 size x size mask).
+
+    `zoom_domain` picks the zoom range (default: `domain`'s). Lung-framed training passes "covid" for every
+    slice: framed, both domains are served at the same scale, so MedSeg needs no zooming out.
 
     `rng=None` means no augmentation: the input is exactly `preprocess(image)` and the mask is resized the
     same way (nearest-area then threshold at 0.5).
@@ -109,7 +113,7 @@ def make_example(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator |
     if rng is None:
         m = resize_to_input(mask.astype(np.float32), size)
         return preprocess(image, size=size), (m > 0.5).astype(np.float32)
-    M = _affine(image.shape[0], image.shape[1], size, rng, domain, profile)
+    M = _affine(image.shape[0], image.shape[1], size, rng, domain, profile, zoom_domain)
     img = cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                          borderValue=0)
     m = cv2.warpAffine(mask.astype(np.float32), M, (size, size), flags=cv2.INTER_LINEAR,

@@ -117,12 +117,15 @@ def batches(train, args, rng):
     medseg = [t for t in train if t[2] == "medseg"]
     crop = args.crop or INPUT_SIZE
     profile = augment.PROFILES[getattr(args, "augment", "full")]
+    # framed by the lung box, MedSeg and covid slices are served at one scale: one zoom range for both
+    zoom_domain = "covid" if getattr(args, "framing", "full") == "lung" else None
     while True:
         xs, ys = [], []
         for _ in range(args.batch_size):
             pool = medseg if (medseg and (not covid or rng.random() < args.medseg_fraction)) else covid
             img, mask, domain = pool[rng.integers(len(pool))]
-            x, y = augment.make_example(img, mask, None if args.no_augment else rng, domain, profile=profile)
+            x, y = augment.make_example(img, mask, None if args.no_augment else rng, domain, profile=profile,
+                                        zoom_domain=zoom_domain)
             x, y = augment.random_crop(x, y, crop, rng)
             xs.append(x)
             ys.append(y)

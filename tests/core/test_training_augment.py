@@ -102,3 +102,22 @@ def test_batches_use_the_chosen_profile(monkeypatch):
     del args.augment  # a run saved before profiles existed resumes with the full profile
     next(train.batches([(img, mask, "covid")], args, np.random.default_rng(0)))
     assert used[2:] == [FULL, FULL]
+
+
+def test_lung_framed_medseg_takes_the_covid_zoom_range():
+    """Framed, both domains are served at one scale: zoom_domain="covid" keeps MedSeg from being zoomed out."""
+    import math
+
+    from training.augment import LIGHT, _affine
+
+    def zooms(**kw):
+        rng = np.random.default_rng(3)
+        out = []
+        for _ in range(300):
+            m = _affine(200, 200, 448, rng, "medseg", LIGHT, **kw)
+            out.append(math.sqrt(abs(np.linalg.det(m[:, :2]))) / (448 / 200))
+        return np.array(out)
+
+    own, framed = zooms(), zooms(zoom_domain="covid")
+    slack = math.exp(LIGHT.max_log_aspect / 2)  # the aspect change moves the area by at most this
+    assert own.min() < 0.65 and framed.min() >= 0.85 / slack and framed.max() <= 1.25 * slack
