@@ -3,6 +3,7 @@
     python -m training.cv train    --recipe light16 --fold 0 --covid-root D --medseg-root M --run-root runs/cv
     python -m training.cv evaluate --recipe light16 --covid-root D --medseg-root M --run-root runs/cv
     python -m training.cv table    --run-root docs/cv --out docs/cv/results.md --plot docs/cv/curves.png
+    python -m training.cv publish  --recipe light16 --record docs/cv --run-root runs/cv --covid-root D --medseg-root M
 
 The folds are fixed in `training/folds.json` (committed before any CV run). A recipe is a fixed set of
 `covidseg train` arguments, chosen before it is run; a fold's result is always its LAST epoch, never the epoch
@@ -193,6 +194,14 @@ def main(argv=None) -> int:
             s.add_argument("--fold", required=True, help="fold number, or 'all' for the final model")
             s.add_argument("--threads", type=int, default=0,
                            help="TensorFlow CPU threads (default 0: all cores; not part of the recipe)")
+    pub = sub.add_parser("publish", help="ship the recipe's final model if its CV beats the shipped weights")
+    pub.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    pub.add_argument("--record", default="docs/cv", help="the committed fold records (default docs/cv)")
+    pub.add_argument("--run-root", default="runs/cv", help="where the final run (<recipe>/final) is")
+    pub.add_argument("--covid-root", required=True)
+    pub.add_argument("--medseg-root", required=True)
+    pub.add_argument("--weights-out", help="weights file to write (default: the shipped one; its card beside it)")
+    pub.add_argument("--force", action="store_true", help="publish even if the rule says no (not for shipping)")
     t = sub.add_parser("table")
     t.add_argument("--run-root", default="runs/cv")
     t.add_argument("--out", help="write the markdown table here")
@@ -209,6 +218,11 @@ def main(argv=None) -> int:
             return 2
         argv = train_argv(args.recipe, args.fold, args.covid_root, args.medseg_root, args.run_root)
         return train.main(argv + (["--threads", str(args.threads)] if args.threads else []))
+    if args.cmd == "publish":
+        from training.publish_cv import publish
+
+        return publish(args.recipe, args.record, args.run_root, args.covid_root, args.medseg_root, args.force,
+                       Path(args.weights_out) if args.weights_out else None)
     if args.cmd == "evaluate":
         done = 0
         for fold in range(k):

@@ -142,3 +142,38 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     assert json.loads((kept / "metrics.json").read_text()) == metrics
     assert cv.main(["table", "--run-root", str(tmp_path / "record"), "--plot", str(tmp_path / "c.png")]) == 0
     assert "| tiny | 1 of 2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tmp_path, capsys):
+    from training import publish_cv
+
+    record, runs = tmp_path / "record", tmp_path / "runs"
+    weights = tmp_path / "w" / "model.h5"
+    weights.parent.mkdir()
+    card = {"validation_metrics": {"covid19-ct-seg-256 held-out groups": {"mean_dice": 0.704},
+                                   "medseg-100-train held-out images": {"mean_dice": 0.731}}}
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    assert publish_cv.shipped_bar(card) == {"covid": 0.704, "medseg": 0.731}
+    assert publish_cv.shipped_bar({"cross_validation": {"covid": {"mean": 0.8}, "medseg": {"mean": 0.7}}}) == \
+        {"covid": 0.8, "medseg": 0.7}
+    base = ["publish", "--recipe", "light16", "--record", str(record), "--run-root", str(runs),
+            "--covid-root", "C", "--medseg-root", "M", "--weights-out", str(weights)]
+    for fold, c, m in ((0, 0.70, 0.80), (1, 0.72, 0.78)):
+        d = record / "light16" / f"fold{fold}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(_metrics(fold, c, m, 1.0)))
+    assert cv.main(base) == 2 and "2 of 3 folds" in capsys.readouterr().err
+    (record / "light16" / "fold2").mkdir()
+    (record / "light16" / "fold2" / "metrics.json").write_text(json.dumps(_metrics(2, 0.71, 0.76, 1.0)))
+    assert cv.main(base) == 2 and "final run" in capsys.readouterr().err
+    final = runs / "light16" / "final"
+    final.mkdir(parents=True)
+    (final / "state.json").write_text(json.dumps({"epoch": 16, "args": {"epochs": 16}, "train_seconds": 3600}))
+    # both sets must reach the bar: MedSeg 0.780 does, covid (0.60, 0.72, 0.71: mean 0.677, sd 0.067) does not
+    (record / "light16" / "fold0" / "metrics.json").write_text(json.dumps(_metrics(0, 0.60, 0.80, 1.0)))
+    assert cv.main(base) == 1
+    out = capsys.readouterr().out
+    assert "light16 CV: covid 0.6767 ± 0.0666, MedSeg 0.7800 ± 0.0200" in out and "not published" in out
+    assert json.loads(weights.with_suffix(".json").read_text()) == card and not weights.exists()
+    summary = publish_cv.cv_summary("light16", cv.collect(record)["light16"], 3)
+    assert summary["per_fold"]["2"]["covid"]["mean_dice"] == 0.71 and summary["cpu_hours"] == 3.0
