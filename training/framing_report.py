@@ -1,11 +1,11 @@
 """Measure what lung framing (`shared.core.framing`) does to the training data, before any model is trained on it.
 
     python -m training.framing_report --covid-root ../shared/data/covid19-ct-seg-256 \
-        --medseg-root ../shared/data/medseg-100-train --json docs/cv/framing.json
+        --medseg-root ../shared/data/medseg-100-train --json docs/cv/framing.json --plot docs/cv/framing.png
 
 Per dataset: how much of each slice the lung frame keeps (area fraction and the linear zoom it gives on the 448
 canvas), and how much of the experts' infection mask falls outside the frame (what lung framing would lose for
-good, since the model never sees it). Prints a table and writes JSON.
+good, since the model never sees it). Prints a table, writes JSON and (--plot) a PNG of examples.
 """
 from __future__ import annotations
 
@@ -44,6 +44,44 @@ def measure(samples, batch_size: int = 32) -> dict:
             "slices_losing_infection": int(lossy)}
 
 
+def plot_examples(samples, out_png, n: int = 4) -> None:
+    """Rows: n slices with their lung frame drawn; the 448 model input each gives, full and lung-framed."""
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shared.core.framing import frame_slices
+    from shared.core.preprocessing import preprocess
+    from training import data
+
+    picks = [samples[int(i)] for i in np.linspace(0, len(samples) - 1, n).round()]
+    imgs = [data.read_gray(s.image) for s in picks]
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n))
+    for row, (s, img, f) in enumerate(zip(picks, imgs, frame_slices(imgs, "lung"))):
+        boxed = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        cv2.rectangle(boxed, (f.left, f.top), (f.right - 1, f.bottom - 1), (255, 60, 60), 2)
+        mask = data.read_mask(s.mask) > 0
+        for col, (title, pic) in enumerate((
+                (f"{s.domain} {s.image.name}: lung frame", boxed),
+                ("model input, full", preprocess(img)),
+                ("model input, lung-framed" + (" (whole: pre-cropped)" if f.is_whole else ""), preprocess(f.crop(img))))):
+            ax = axes[row, col]
+            ax.imshow(pic, cmap="gray")
+            if col == 2:
+                m = cv2.resize(f.crop(mask.astype(np.uint8)), (448, 448), interpolation=cv2.INTER_NEAREST)
+                ax.contour(m, levels=[0.5], colors="yellow", linewidths=0.7)
+            elif col == 1:
+                m = cv2.resize(mask.astype(np.uint8), (448, 448), interpolation=cv2.INTER_NEAREST)
+                ax.contour(m, levels=[0.5], colors="yellow", linewidths=0.7)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     from training import data
 
@@ -51,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--covid-root", required=True)
     p.add_argument("--medseg-root", required=True)
     p.add_argument("--json", help="write the measurements here")
+    p.add_argument("--plot", help="write example slices, full and lung-framed (infection outlined), as PNG here")
     args = p.parse_args(argv)
     train, val_c, val_m = data.split(args.covid_root, args.medseg_root, fold="all")
     sets = {"covid19-ct-seg-256": [s for s in train if s.domain != "medseg"],
@@ -65,6 +104,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.plot:
+        plot_examples(sets["covid19-ct-seg-256"][::97][:3] + sets["medseg-100-train"][7:8], args.plot, n=4)
+        print(f"examples: {args.plot}")
     return 0
 
 

@@ -24,6 +24,9 @@ import numpy as np
 FRAMINGS = ("full", "lung")
 #: Margin added on each side of the lung bounding box, as a fraction of the box's height / width.
 LUNG_BOX_MARGIN = 0.05
+#: A frame spans at least this fraction of the slice's height and of its width (grown about its centre): small
+#: lungs (apex, bases) are zoomed at most 2.5x per axis instead of being stretched to the whole canvas.
+MIN_FRAME_FRACTION = 0.4
 #: A lung mask smaller than this fraction of the slice is not trusted: the slice is framed whole.
 MIN_LUNG_FRACTION = 0.02
 #: A slice whose border ring is less than this fraction air is already cut to the body or the lungs (as MedSeg's
@@ -78,18 +81,30 @@ class Frame:
         return {"top": self.top, "bottom": self.bottom, "left": self.left, "right": self.right}
 
 
+def _span(lo: int, hi: int, margin: float, min_len: int, n: int) -> tuple[int, int]:
+    """[lo, hi) widened by margin of its length on each side, grown about its centre to min_len, kept in [0, n)."""
+    d = int(round(margin * (hi - lo)))
+    lo, hi = lo - d, hi + d
+    if hi - lo < min_len:
+        c = (lo + hi) / 2
+        lo, hi = int(round(c - min_len / 2)), int(round(c - min_len / 2)) + min_len
+    shift = max(0, -lo) - max(0, hi - n)  # slide back inside the slice before clipping
+    return max(0, lo + shift), min(n, hi + shift)
+
+
 def lung_frame(lung_mask: np.ndarray, margin: float = LUNG_BOX_MARGIN,
-               min_fraction: float = MIN_LUNG_FRACTION) -> Frame:
-    """Bounding box of a bool lung mask, widened by `margin` of its size on each side and clipped to the slice;
-    the whole slice when the mask covers less than `min_fraction` of it (no lung found: nothing to zoom on)."""
+               min_fraction: float = MIN_LUNG_FRACTION, min_frame: float = MIN_FRAME_FRACTION) -> Frame:
+    """Bounding box of a bool lung mask, widened by `margin` of its size on each side, at least `min_frame` of
+    the slice's height and width, inside the slice; the whole slice when the mask covers less than
+    `min_fraction` of it (no lung found: nothing to zoom on)."""
     m = np.asarray(lung_mask, dtype=bool)
     h, w = m.shape
     if m.sum() < min_fraction * m.size:
         return Frame.whole(m.shape)
     rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    dy, dx = int(round(margin * (bottom - top))), int(round(margin * (right - left)))
-    return Frame(max(0, top - dy), min(h, bottom + dy), max(0, left - dx), min(w, right + dx), h, w)
+    top, bottom = _span(int(rows[0]), int(rows[-1]) + 1, margin, int(np.ceil(min_frame * h)), h)
+    left, right = _span(int(cols[0]), int(cols[-1]) + 1, margin, int(np.ceil(min_frame * w)), w)
+    return Frame(top, bottom, left, right, h, w)
 
 
 def border_air_fraction(gray_u8: np.ndarray, ring: float = 0.02) -> float:

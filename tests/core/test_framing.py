@@ -34,6 +34,9 @@ def test_lung_frame_adds_the_margin_clips_and_falls_back_to_whole():
     assert lung_frame(m) == Frame(18, 62, 45, 155, 100, 200)
     m[:, :3] = True           # touching the border: clipped, not padded
     assert lung_frame(m).left == 0 and lung_frame(m).top == 0
+    thin = np.zeros((100, 200), bool)
+    thin[2:12, 60:140] = True  # a lung base near the top: grown to 40 % of the height, slid inside the slice
+    assert lung_frame(thin) == Frame(0, 40, 56, 144, 100, 200)
     tiny = np.zeros((100, 200), bool)
     tiny[50, 50:60] = True    # 10 px of 20,000: no lung found
     assert lung_frame(tiny).is_whole
