@@ -63,6 +63,23 @@ def evaluate_samples(predict, samples, batch_size=8, desc="evaluate", framing: s
     return out
 
 
+def card_basics(weights_path: Path) -> dict:
+    """The model card entries every published U-Net shares: architecture, file, format, licence, data."""
+    return {
+        "architecture": "segmentation_models Unet('resnet34', encoder_weights=None, classes=1, "
+                        "activation='sigmoid'), input 448x448x1 (fully convolutional)",
+        "weights_file": Path(weights_path).name,
+        "weights_format": "HDF5, one float16 dataset per weight in model order (shared.core.model.save_weights)",
+        "licence": "Non-commercial research use only (trained on CC BY-NC-SA / non-commercial data). "
+                   "Not a medical device.",
+        "data": {
+            "covid19-ct-seg-256": "COVID-19-CT-Seg (Ma Jun et al. 2020, Zenodo 10.5281/zenodo.3757476), 1,614 "
+                                  "slices of 20 volumes as prepared by dstaroff/COVID19-CT-Segmentation",
+            "medseg-100-train": "MedSeg COVID-19 CT segmentation dataset as repackaged by Inf-Net (50 slices)",
+        },
+    }
+
+
 def _hyperparameters(run_args: dict) -> dict:
     """A run's saved arguments without the machine-specific paths."""
     return {k: v for k, v in run_args.items() if k not in ("covid_root", "medseg_root", "run_dir", "images", "masks")}
@@ -142,17 +159,7 @@ def main(argv=None) -> int:
     augment_profile = state["args"].get("augment", "full")
     card = {
         "name": "covidseg-unet-resnet34",
-        "architecture": "segmentation_models Unet('resnet34', encoder_weights=None, classes=1, "
-                        "activation='sigmoid'), input 448x448x1 (fully convolutional)",
-        "weights_file": model_lib.DEFAULT_WEIGHTS.name,
-        "weights_format": "HDF5, one float16 dataset per weight in model order (shared.core.model.save_weights)",
-        "licence": "Non-commercial research use only (trained on CC BY-NC-SA / non-commercial data). "
-                   "Not a medical device.",
-        "data": {
-            "covid19-ct-seg-256": "COVID-19-CT-Seg (Ma Jun et al. 2020, Zenodo 10.5281/zenodo.3757476), 1,614 "
-                                  "slices of 20 volumes as prepared by dstaroff/COVID19-CT-Segmentation",
-            "medseg-100-train": "MedSeg COVID-19 CT segmentation dataset as repackaged by Inf-Net (50 slices)",
-        },
+        **card_basics(model_lib.DEFAULT_WEIGHTS),
         "split": {
             "covid_val_patient_groups": list(data.COVID_VAL_GROUPS),
             "covid_split_by": "inferred_patient_group (never by slice)",

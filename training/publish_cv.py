@@ -12,6 +12,7 @@ mean Dice of its fp32. The final model has no held-out data: its own scores in t
 """
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -99,23 +100,11 @@ def publish(recipe: str, record, run_root, covid_root, medseg_root, force: bool 
     if max(drops.values()) > MAX_INT8_DROP and not force:
         print(f"not published: INT8 loses more than {MAX_INT8_DROP} mean Dice against fp32")
         return 1
-    from training.publish import _hyperparameters
-
-    import csv
+    from training.publish import _hyperparameters, card_basics
 
     card = {
         "name": weights_path.stem,
-        "architecture": "segmentation_models Unet('resnet34', encoder_weights=None, classes=1, "
-                        "activation='sigmoid'), input 448x448x1 (fully convolutional)",
-        "weights_file": weights_path.name,
-        "weights_format": "HDF5, one float16 dataset per weight in model order (shared.core.model.save_weights)",
-        "licence": "Non-commercial research use only (trained on CC BY-NC-SA / non-commercial data). "
-                   "Not a medical device.",
-        "data": {
-            "covid19-ct-seg-256": "COVID-19-CT-Seg (Ma Jun et al. 2020, Zenodo 10.5281/zenodo.3757476), 1,614 "
-                                  "slices of 20 volumes as prepared by dstaroff/COVID19-CT-Segmentation",
-            "medseg-100-train": "MedSeg COVID-19 CT segmentation dataset as repackaged by Inf-Net (50 slices)",
-        },
+        **card_basics(weights_path),
         "split": {"final_model": f"every slice ({len(train)}): all patient groups and all 50 MedSeg images",
                   "cross_validation": "training/folds.json (patient groups; MedSeg blocks of 5 neighbouring images)"},
         "framing": framing,
