@@ -728,6 +728,14 @@ def nifti_volume(n: int) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1)
 
 
+def _set_cut(plan: dict, host: str, cut: bool) -> None:
+    """Cut a worker host off (link down, or its worker frozen with SIGSTOP) or restore it."""
+    if plan["cut"] == "link":
+        subprocess.run(["ip", "-n", plan["switch"], "link", "set", f"p-{host}", "down" if cut else "up"], check=True)
+    else:
+        os.killpg(plan["workers"][host]["pgid"], signal.SIGSTOP if cut else signal.SIGCONT)
+
+
 def _log_size(path) -> int:
     try:
         return Path(path).stat().st_size
@@ -789,10 +797,7 @@ def drive_cutoff(plan: dict) -> dict:
         raise RuntimeError(f"no worker host to cut within 180 s: running {running}")
     inflight = sorted(running.get(cut, []))
     log_at_cut = _log_size(logs[cut])
-    if plan["cut"] == "link":
-        subprocess.run(["ip", "-n", plan["switch"], "link", "set", f"p-{cut}", "down"], check=True)
-    else:
-        os.killpg(plan["workers"][cut]["pgid"], signal.SIGSTOP)
+    _set_cut(plan, cut, True)
     cut_at = time.monotonic()
     cut_wall = datetime.now(timezone.utc)
     mark(f"cut {cut} ({plan['cut']}) holding {len(inflight)} running; running per host "
@@ -823,10 +828,7 @@ def drive_cutoff(plan: dict) -> dict:
     objs_a = c.objects(jobs, studies)
     open_before = tasks_in_progress(_log_since(logs[cut], 0))
 
-    if plan["cut"] == "link":
-        subprocess.run(["ip", "-n", plan["switch"], "link", "set", f"p-{cut}", "up"], check=True)
-    else:
-        os.killpg(plan["workers"][cut]["pgid"], signal.SIGCONT)
+    _set_cut(plan, cut, False)
     restored_at = time.monotonic()
     restored_wall = datetime.now(timezone.utc)
     cut_seconds = restored_at - cut_at
