@@ -311,7 +311,7 @@ def cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
     from shared.core.imageio import read_image
-    from shared.core.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
+    from shared.core.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores, infection_size_groups
     from shared.core.render import probability_u8
 
     masks = _image_files(args.masks, "--masks")
@@ -376,6 +376,7 @@ def cmd_evaluate(args) -> int:
     result["per_image"] = per_image
     if groups is not None:
         result["per_group"] = aggregate_groups(per_image, groups)
+    result["per_infection_size"] = aggregate_groups(per_image, infection_size_groups(per_image))
     if args.json:
         jp = Path(args.json)
         jp.parent.mkdir(parents=True, exist_ok=True)
@@ -385,6 +386,7 @@ def cmd_evaluate(args) -> int:
         print(f"{k:12s} {v if isinstance(v, int) else _fmt(v)}")
     if groups is not None:
         print(_group_table(result["per_group"]))
+    print(_group_table(result["per_infection_size"], "infected share of the slice"))
     if args.report:
         info = {"source": f"predictions {args.predictions}" if preds is not None else f"images {args.images}",
                 "masks": str(args.masks), "threshold": thr,
@@ -396,9 +398,9 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _group_table(per_group: dict) -> str:
+def _group_table(per_group: dict, title: str = "group") -> str:
     """Markdown table of `aggregate_groups` output."""
-    lines = ["| group | images | mean Dice | global Dice | mean IoU | sensitivity | specificity |",
+    lines = [f"| {title} | images | mean Dice | global Dice | mean IoU | sensitivity | specificity |",
              "|---|---|---|---|---|---|---|"]
     for g, r in per_group.items():
         lines.append(f"| {g} | {r['n_images']} | {_fmt(r['mean_dice'])} | {_fmt(r['global_dice'])} | "
@@ -447,6 +449,9 @@ def write_report(folder: Path, result: dict, agg: dict, keep: dict, info: dict, 
               f"![best and worst cases](cases.png)", ""]
     if "per_group" in result:
         lines += ["## Per group", "", _group_table(result["per_group"]), ""]
+    if "per_infection_size" in result:
+        lines += ["## By infection size", "", _group_table(result["per_infection_size"], "infected share of the slice"),
+                  ""]
     lines += ["## Per image (worst first)", "",
               "| image | Dice | IoU | sensitivity | specificity | GT pixels | predicted pixels |",
               "|---|---|---|---|---|---|---|"]

@@ -49,10 +49,11 @@ def native_probabilities(predict, samples, batch_size=8, desc="evaluate", framin
 
 def evaluate_samples(predict, samples, batch_size=8, desc="evaluate", framing: str = "full") -> dict:
     """Mean/global Dice and IoU, sensitivity, specificity over `samples` (threshold 0.5, native mask size), the
-    reductions of `shared.core.metrics.aggregate`, plus `per_group` when the samples share patient groups.
+    reductions of `shared.core.metrics.aggregate`, plus `per_group` when the samples share patient groups and
+    `per_infection_size` (the same by `shared.core.metrics.infection_size_groups` bin).
 
     `predict`: (N, 448, 448, 1) preprocessed batch -> (N, 448, 448) probabilities."""
-    from shared.core.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores
+    from shared.core.metrics import SUMMARY_KEYS, aggregate, aggregate_groups, image_scores, infection_size_groups
 
     per = [image_scores(s.image.name, p >= 0.5, m > 0)
            for s, m, p in native_probabilities(predict, samples, batch_size, desc, framing)]
@@ -60,6 +61,7 @@ def evaluate_samples(predict, samples, batch_size=8, desc="evaluate", framing: s
     group_of = {s.image.name: s.group for s in samples}
     if len(set(group_of.values())) < len(group_of):  # MedSeg: one image per group, nothing to add
         out["per_group"] = aggregate_groups(per, group_of)
+    out["per_infection_size"] = aggregate_groups(per, infection_size_groups(per))
     return out
 
 

@@ -76,3 +76,24 @@ def aggregate_groups(per_image: list[dict], group_of: dict[str, str], missing: s
     for r in per_image:
         by.setdefault(group_of.get(r["name"], missing), []).append(r)
     return {g: {k: aggregate(rs)[k] for k in SUMMARY_KEYS} for g, rs in sorted(by.items())}
+
+
+#: infection size bins as fractions of the slice: 0.75 % is ~500 pixels of a 256² slice, where most lost
+#: slices are; 7.5 % is ~5,000
+INFECTION_SIZE_EDGES = (0.0075, 0.075)
+
+
+def infection_size_groups(per_image: list[dict], edges: tuple[float, ...] = INFECTION_SIZE_EDGES) -> dict[str, str]:
+    """Image name -> its bin by the annotated infection's share of the slice, (tp + fn) / pixels, for
+    `aggregate_groups`. Labels sort in size order: "0: none", "1: < 0.75 %", "2: 0.75–7.5 %", "3: ≥ 7.5 %"."""
+    def pct(e: float) -> str:
+        return f"{e * 100:g} %"
+
+    labels = ["0: none", f"1: < {pct(edges[0])}"]
+    labels += [f"{i + 2}: {pct(lo)[:-2]}–{pct(hi)}" for i, (lo, hi) in enumerate(zip(edges, edges[1:]))]
+    labels.append(f"{len(edges) + 1}: ≥ {pct(edges[-1])}")
+    out = {}
+    for r in per_image:
+        share = (r["tp"] + r["fn"]) / r["pixels"] if r["pixels"] else 0.0
+        out[r["name"]] = labels[0] if share == 0 else labels[1 + int(np.searchsorted(edges, share, side="right"))]
+    return out

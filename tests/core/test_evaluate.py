@@ -44,7 +44,7 @@ def test_hand_computed_metrics(case, capsys):
     assert rc == 0, capsys.readouterr().err
     r = json.loads(out.read_text())
     assert set(r) == {"n_images", "mean_dice", "global_dice", "mean_iou", "global_iou", "sensitivity",
-                      "specificity", "per_image"}
+                      "specificity", "per_image", "per_infection_size"}
     tp, fp, fn, tn = 2 + 0 + 4 + 16, 2 + 0 + 0 + 48, 2 + 0 + 0 + 0, 10 + 16 + 12 + 0
     expected = {
         "n_images": 4,
@@ -106,6 +106,11 @@ def test_per_group_metrics(case, capsys):
     assert g["ungrouped"]["n_images"] == 1 and g["ungrouped"]["mean_dice"] == 1.0
     assert "| p1 | 2 | 0.7500 | 0.5000 |" in captured.out
     assert "## Per group" in (rep / "report.md").read_text()
+    # every image here is >= 7.5 % infected except b (none): the size bins of the same records
+    sizes = json.loads(out.read_text())["per_infection_size"]
+    assert {k: v["n_images"] for k, v in sizes.items()} == {"0: none": 1, "3: ≥ 7.5 %": 3}
+    assert sizes["3: ≥ 7.5 %"]["mean_dice"] == pytest.approx((0.5 + 1.0 + 0.4) / 3)
+    assert "| 3: ≥ 7.5 % | 3 |" in captured.out and "## By infection size" in (rep / "report.md").read_text()
 
 
 @pytest.mark.parametrize("content, message", [

@@ -54,3 +54,22 @@ def test_confusion_and_aggregate_by_hand():
     assert agg["sensitivity"] == 0.5 and agg["specificity"] == pytest.approx(14 / 16)
     with pytest.raises(ValueError, match="shape"):
         metrics.confusion_counts(np.zeros((2, 2)), np.zeros((3, 2)))
+
+
+def test_infection_size_groups_bins_by_annotated_share():
+    """Bins come from the annotation (tp + fn), not the prediction; edges belong to the bin above."""
+    def rec(name, infected, predicted=0, n=10_000):
+        t = np.zeros(n, bool); t[:infected] = True
+        p = np.zeros(n, bool); p[n - predicted:] = True
+        return metrics.image_scores(name, p, t)
+
+    recs = [rec("none", 0, predicted=500), rec("tiny", 74), rec("edge1", 75), rec("mid", 749), rec("edge2", 750),
+            rec("big", 9000, predicted=9000)]
+    bins = metrics.infection_size_groups(recs)
+    assert bins == {"none": "0: none", "tiny": "1: < 0.75 %", "edge1": "2: 0.75–7.5 %", "mid": "2: 0.75–7.5 %",
+                    "edge2": "3: ≥ 7.5 %", "big": "3: ≥ 7.5 %"}
+    by = metrics.aggregate_groups(recs, bins)
+    assert list(by) == ["0: none", "1: < 0.75 %", "2: 0.75–7.5 %", "3: ≥ 7.5 %"]
+    assert by["0: none"]["mean_dice"] == 0.0 and by["2: 0.75–7.5 %"]["n_images"] == 2
+    assert by["3: ≥ 7.5 %"]["mean_dice"] == pytest.approx((0 + 2 * 8000 / 18000) / 2)
+    assert metrics.infection_size_groups(recs, edges=(0.5,))["big"] == "2: ≥ 50 %"

@@ -31,6 +31,15 @@ def test_evaluate_samples_per_group():
     assert m["per_group"]["p1"]["mean_dice"] == pytest.approx(np.mean(dice[:2]), abs=1e-12)
     assert m["per_group"]["p2"]["mean_dice"] == pytest.approx(dice[2], abs=1e-12)
     assert m["mean_dice"] == pytest.approx(np.mean(dice), abs=1e-12)
+    # infection size bins from the masks' own infected share
+    share = [k.mean() for k in masks]
+    expect = {}
+    for d, sh in zip(dice, share):
+        label = "1: < 0.75 %" if sh < 0.0075 else "2: 0.75–7.5 %" if sh < 0.075 else "3: ≥ 7.5 %"
+        expect.setdefault(label, []).append(d)
+    assert {b: v["n_images"] for b, v in m["per_infection_size"].items()} == {b: len(v) for b, v in expect.items()}
+    for b, v in expect.items():
+        assert m["per_infection_size"][b]["mean_dice"] == pytest.approx(np.mean(v), abs=1e-12)
     # one image per group (MedSeg): no per-group section
     assert "per_group" not in evaluate_samples(ones, _samples(["a", "b", "c"]))
 
