@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the model sees of each slice (shared.core.framing): full (default) or lung (the "
                    "learned lung mask's bounding box, as MedSeg slices already are); stored in the weights' "
                    "metadata, so serving frames the same way")
+    p.add_argument("--lesion-sampling", choices=augment.LESION_SAMPLING, default="pixel",
+                   help="which lesion a training crop is centred on (training.augment.random_crop): pixel "
+                   "(default: a random lesion pixel, so mostly big lesions) or component (a random connected "
+                   "lesion, so small foci as often as big ones)")
     p.add_argument("--no-augment", action="store_true", help="disable augmentation (debugging)")
 
 
@@ -126,7 +130,7 @@ def batches(train, args, rng):
             img, mask, domain = pool[rng.integers(len(pool))]
             x, y = augment.make_example(img, mask, None if args.no_augment else rng, domain, profile=profile,
                                         zoom_domain=zoom_domain)
-            x, y = augment.random_crop(x, y, crop, rng)
+            x, y = augment.random_crop(x, y, crop, rng, lesion_sampling=getattr(args, "lesion_sampling", "pixel"))
             xs.append(x)
             ys.append(y)
         yield np.stack(xs)[..., None], np.stack(ys)[..., None]
@@ -198,7 +202,8 @@ def run(args) -> int:
     if state:
         # a resumed run keeps its data and hyper-parameters; only --epochs may grow it
         # runs saved before profiles used full; before folds, the fixed hold-out
-        for k, v in {"augment": "full", "fold": None, "framing": "full", **state["args"]}.items():
+        for k, v in {"augment": "full", "fold": None, "framing": "full", "lesion_sampling": "pixel",
+                     **state["args"]}.items():
             if k not in ("epochs", "run_dir", "val_limit", "threads"):
                 setattr(args, k, v)
     if args.images and args.masks:

@@ -121,3 +121,58 @@ def test_lung_framed_medseg_takes_the_covid_zoom_range():
     own, framed = zooms(), zooms(zoom_domain="covid")
     slack = math.exp(LIGHT.max_log_aspect / 2)  # the aspect change moves the area by at most this
     assert own.min() < 0.65 and framed.min() >= 0.85 / slack and framed.max() <= 1.25 * slack
+
+
+def test_component_sampling_centres_small_lesions_as_often_as_big_ones():
+    """One 10,000-pixel lesion and one 25-pixel focus in opposite corners: by pixel, crops almost never reach
+    the focus; by component, about half of them are centred on it."""
+    x = np.zeros((448, 448), np.float32)
+    y = np.zeros((448, 448), np.float32)
+    y[10:110, 10:110] = 1
+    y[420:425, 420:425] = 1
+
+    def share_on_focus(sampling):
+        rng = np.random.default_rng(7)
+        hits = 0
+        for _ in range(400):
+            _, cy = augment.random_crop(x, y, 224, rng, lesion_bias=1.0, lesion_sampling=sampling)
+            hits += cy.sum() == 25  # the crop holds the focus and none of the big lesion
+        return hits / 400
+
+    assert share_on_focus("pixel") < 0.02
+    assert 0.4 < share_on_focus("component") < 0.6
+    with pytest.raises(ValueError, match="lesion_sampling"):
+        augment.random_crop(x, y, 224, np.random.default_rng(0), lesion_sampling="area")
+
+
+def test_pixel_sampling_is_the_default_and_unchanged():
+    """Recipes recorded before component sampling existed draw the same crops."""
+    img, mask = _disk_slice(448, 448)
+    x, y = img.astype(np.float32), mask.astype(np.float32)
+    a = augment.random_crop(x, y, 224, np.random.default_rng(5))
+    b = augment.random_crop(x, y, 224, np.random.default_rng(5), lesion_sampling="pixel")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_batches_and_cli_take_the_lesion_sampling(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import cli as cli
+    from training import train
+
+    used = []
+    real = augment.random_crop
+    monkeypatch.setattr(augment, "random_crop", lambda *a, **k: used.append(k["lesion_sampling"]) or real(*a, **k))
+    img, mask = _disk_slice()
+    args = SimpleNamespace(crop=224, batch_size=2, medseg_fraction=0.0, no_augment=False, augment="light",
+                           lesion_sampling="component")
+    next(train.batches([(img, mask, "covid")], args, np.random.default_rng(0)))
+    del args.lesion_sampling  # a run saved before the option resumes with pixel sampling
+    next(train.batches([(img, mask, "covid")], args, np.random.default_rng(0)))
+    assert used == ["component", "component", "pixel", "pixel"]
+
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda a: seen.setdefault("args", a) and 0)
+    base = ["train", "--images", str(tmp_path), "--masks", str(tmp_path), "--run-dir", str(tmp_path / "run")]
+    assert cli.main(base) == 0 and seen.pop("args").lesion_sampling == "pixel"
+    assert cli.main(base + ["--lesion-sampling", "component"]) == 0 and seen.pop("args").lesion_sampling == "component"
