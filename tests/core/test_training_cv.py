@@ -89,6 +89,20 @@ def test_train_argv_is_the_recipe():
     assert bf16["--precision"] == "bf16" and bf16["--medseg-fraction"] == "0.3" and bf16["--epochs"] == "22"
 
 
+@pytest.mark.parametrize("recipe", sorted(cv.RECIPES))
+def test_every_recipe_parses_as_train_arguments(recipe):
+    """A misspelt key or value in a recipe fails here, not hours into a session."""
+    from training import train
+
+    p = train.argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_args(cv.train_argv(recipe, 0, "C", "M", "r"))
+    for key, value in cv.RECIPES[recipe].items():
+        assert getattr(args, key) == value
+    if recipe == "light36-bf16-cc":
+        assert args.lesion_sampling == "component" and args.epochs == 36
+
+
 def test_threads_option_defaults_to_every_core():
     from training import train
 
