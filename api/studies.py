@@ -307,6 +307,10 @@ def submit_study():
             if found is not None:
                 return _replay(found, fingerprint)
         raise
+    # the answer describes the study as accepted (queued), as POST /jobs does: read before the message goes out,
+    # or a fast worker's "running" could race into it
+    with svc.Session() as session:
+        body = study_json(session.execute(select(db.Study).where(db.Study.id == study_id)).scalar_one())
     try:
         dispatch_studies(svc.celery, svc.Session, [(study_id, s.queue_bulk, n_slices)], s, mark=False)
     except Exception as exc:  # noqa: BLE001 - broker down: the study is stored; the sweep publishes it
@@ -320,9 +324,7 @@ def submit_study():
             pass
     log.info("study %s accepted: %s, %d slices, %d bytes stored in %.2f s", study_id, fmt, n_slices,
              len(payload), time.monotonic() - t0)
-    with svc.Session() as session:
-        study = session.execute(select(db.Study).where(db.Study.id == study_id)).scalar_one()
-    resp = jsonify(study_json(study))
+    resp = jsonify(body)
     resp.status_code = 202
     resp.headers["Location"] = url_for("studies.get_study", study_id=study_id)
     return resp
