@@ -386,7 +386,7 @@ def cmd_evaluate(args) -> int:
         print(f"{k:12s} {v if isinstance(v, int) else _fmt(v)}")
     if groups is not None:
         print(_group_table(result["per_group"]))
-    print(_group_table(result["per_infection_size"], "infected share of the slice"))
+    print(_group_table(result["per_infection_size"], SIZE_COLUMN))
     if args.report:
         info = {"source": f"predictions {args.predictions}" if preds is not None else f"images {args.images}",
                 "masks": str(args.masks), "threshold": thr,
@@ -396,6 +396,10 @@ def cmd_evaluate(args) -> int:
         write_report(Path(args.report), result, agg, keep, info, thr)
         print(f"report: {Path(args.report) / 'report.md'}")
     return 0
+
+
+#: the first column of the table by infection size (shared.core.metrics.infection_size_groups)
+SIZE_COLUMN = "infected share of the slice"
 
 
 def _group_table(per_group: dict, title: str = "group") -> str:
@@ -450,8 +454,7 @@ def write_report(folder: Path, result: dict, agg: dict, keep: dict, info: dict, 
     if "per_group" in result:
         lines += ["## Per group", "", _group_table(result["per_group"]), ""]
     if "per_infection_size" in result:
-        lines += ["## By infection size", "", _group_table(result["per_infection_size"], "infected share of the slice"),
-                  ""]
+        lines += ["## By infection size", "", _group_table(result["per_infection_size"], SIZE_COLUMN), ""]
     lines += ["## Per image (worst first)", "",
               "| image | Dice | IoU | sensitivity | specificity | GT pixels | predicted pixels |",
               "|---|---|---|---|---|---|---|"]
