@@ -96,9 +96,24 @@ def test_every_recipe_parses_as_train_arguments(recipe):
 
     p = train.argparse.ArgumentParser()
     train.add_arguments(p)
-    args = p.parse_args(cv.train_argv(recipe, 0, "C", "M", "r"))
-    for key, value in cv.RECIPES[recipe].items():
-        assert getattr(args, key) == value
+    stages = cv.train_stages(recipe, 0, "C", "M", "r")
+    options = {k: v for k, v in cv.RECIPES[recipe].items() if k != cv.THEN}
+    for i, argv in enumerate(stages):
+        args = p.parse_args(argv)
+        expected = {**options, **(cv.RECIPES[recipe][cv.THEN] if i else {})}
+        for key, value in expected.items():
+            assert getattr(args, key) == value
+    assert len(stages) == (2 if cv.THEN in cv.RECIPES[recipe] else 1)
+
+
+def test_a_staged_recipe_fine_tunes_from_its_first_stage():
+    first, then = cv.train_stages("shipped-cv", 1, "C", "M", "r")
+    assert first[first.index("--run-dir") + 1] == "r/shipped-cv/fold1/stage1" and "--init-weights" not in first
+    assert then[then.index("--run-dir") + 1] == "r/shipped-cv/fold1"
+    assert then[then.index("--init-weights") + 1] == "r/shipped-cv/fold1/stage1/last.h5"
+    opts = dict(zip(then[8::2], then[9::2]))
+    assert (opts["--epochs"], opts["--augment"], opts["--lr"], opts["--medseg-fraction"]) == ("4", "light", "0.00015", "0.2")
+    assert cv.train_argv("shipped-cv", 1, "C", "M", "r") == first
 
 
 def test_threads_option_defaults_to_every_core():
@@ -154,6 +169,32 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     assert json.loads((kept / "metrics.json").read_text()) == metrics
     assert cv.main(["table", "--run-root", str(tmp_path / "record"), "--plot", str(tmp_path / "c.png")]) == 0
     assert "| tiny | 1 of 2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_a_staged_fold_trains_both_stages_and_records_one_log(tmp_path, monkeypatch, capsys):
+    covid, medseg, folds = _fake_data(tmp_path)
+    monkeypatch.setattr(data, "FOLDS_FILE", folds)
+    monkeypatch.setitem(cv.RECIPES, "tiny2", {"epochs": 2, "steps_per_epoch": 1, "batch_size": 2, "crop": 64,
+                                              "augment": "full", "val_limit": 1,
+                                              "then": {"epochs": 1, "augment": "light", "lr": 1e-4}})
+    base = ["--recipe", "tiny2", "--covid-root", str(covid), "--medseg-root", str(medseg),
+            "--run-root", str(tmp_path / "cv")]
+    assert cv.main(["train", *base, "--fold", "0"]) == 0
+    run_dir = tmp_path / "cv" / "tiny2" / "fold0"
+    first = json.loads((run_dir / "stage1" / "state.json").read_text())
+    then = json.loads((run_dir / "state.json").read_text())
+    assert first["epoch"] == 2 and first["args"]["augment"] == "full" and first["args"]["init_weights"] is None
+    assert then["epoch"] == 1 and then["args"]["augment"] == "light" and then["args"]["lr"] == 1e-4
+    assert then["args"]["init_weights"] == str(run_dir / "stage1" / "last.h5")
+    assert "initialised from" in capsys.readouterr().out
+    # training it again trains nothing: the first stage is skipped, the second is at its last epoch
+    assert cv.main(["train", *base, "--fold", "0"]) == 0
+    assert "stage1: finished, next stage" in capsys.readouterr().out
+    assert cv.main(["evaluate", *base, "--record", str(tmp_path / "record")]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["epoch"], metrics["epochs"]) == (3, 3)  # both stages count
+    log = (tmp_path / "record" / "tiny2" / "fold0" / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in log] == ["epoch", "1", "2", "3"]
 
 
 def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tmp_path, capsys):
