@@ -169,6 +169,30 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     assert json.loads((kept / "metrics.json").read_text()) == metrics
     assert cv.main(["table", "--run-root", str(tmp_path / "record"), "--plot", str(tmp_path / "c.png")]) == 0
     assert "| tiny | 1 of 2 |" in capsys.readouterr().out and (tmp_path / "c.png").stat().st_size > 1000
+    # a serving-scale probe scores the same slices into its own file; the recipe's metrics.json is untouched
+    assert cv.main(["evaluate", *base, "--canvas", "512", "--record", str(tmp_path / "record")]) == 0
+    probe = json.loads((run_dir / "metrics-canvas512.json").read_text())
+    assert probe["canvas"] == 512 and metrics["canvas"] == 448 and probe["covid"]["n_images"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert (kept / "metrics-canvas512.json").is_file()
+    with pytest.raises(SystemExit):
+        cv.main(["evaluate", *base, "--canvas", "500"])  # only the probes fixed in advance
+
+
+def test_zoomed_prediction_runs_the_model_on_the_enlarged_canvas_and_returns_the_canvas_size():
+    import numpy as np
+
+    seen = []
+
+    def identity(x):
+        seen.append(x.shape)
+        return x[..., 0]
+
+    x = np.random.default_rng(0).random((2, 448, 448, 1), dtype=np.float32)
+    x[:, 100:200, 100:200] = 0.5  # a flat patch survives cubic up- and area down-sampling unchanged
+    out = cv.zoomed(identity, 512)(x)
+    assert seen == [(2, 512, 512, 1)] and out.shape == (2, 448, 448)
+    assert np.allclose(out[:, 110:190, 110:190], 0.5, atol=1e-5) and out.min() >= 0 and out.max() <= 1
 
 
 def test_a_staged_fold_trains_both_stages_and_records_one_log(tmp_path, monkeypatch, capsys):
