@@ -233,6 +233,13 @@ def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tm
     assert publish_cv.shipped_bar(card) == {"covid": 0.704, "medseg": 0.731}
     assert publish_cv.shipped_bar({"cross_validation": {"covid": {"mean": 0.8}, "medseg": {"mean": 0.7}}}) == \
         {"covid": 0.8, "medseg": 0.7}
+    # the shipped recipe's own CV replaces the held-out figures once every fold is in, not before
+    own = {"shipped-cv": {"folds": {"0": {}, "1": {}}, "covid": (0.64, 0.03), "medseg": (0.70, 0.03)}}
+    assert publish_cv.shipped_bar(card, own, k=3) == {"covid": 0.704, "medseg": 0.731}
+    own["shipped-cv"]["folds"]["2"] = {}
+    assert publish_cv.shipped_bar(card, own, k=3) == {"covid": 0.64, "medseg": 0.70}
+    assert publish_cv.shipped_bar({"cross_validation": {"covid": {"mean": 0.8}, "medseg": {"mean": 0.7}}}, own) == \
+        {"covid": 0.8, "medseg": 0.7}
     base = ["publish", "--recipe", "light16", "--record", str(record), "--run-root", str(runs),
             "--covid-root", "C", "--medseg-root", "M", "--weights-out", str(weights)]
     for fold, c, m in ((0, 0.70, 0.80), (1, 0.72, 0.78)):
@@ -254,3 +261,14 @@ def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tm
     assert json.loads(weights.with_suffix(".json").read_text()) == card and not weights.exists()
     summary = publish_cv.cv_summary("light16", cv.collect(record)["light16"], 3)
     assert summary["per_fold"]["2"]["covid"]["mean_dice"] == 0.71 and summary["cpu_hours"] == 3.0
+    # with the shipped recipe cross-validated on every fold, the bar is its CV means (0.69, 0.70 here)
+    for fold, c in enumerate((0.68, 0.69, 0.70)):
+        d = record / "shipped-cv" / f"fold{fold}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(_metrics(fold, c, 0.70, 1.0)))
+    assert cv.main(base) == 1
+    assert "shipped: covid 0.6900, MedSeg 0.7000" in capsys.readouterr().out
+    (runs / "shipped-cv" / "final").mkdir(parents=True)
+    (runs / "shipped-cv" / "final" / "state.json").write_text((final / "state.json").read_text())
+    assert cv.main([*base[:2], "shipped-cv", *base[3:]]) == 1
+    assert "whose CV is the bar itself" in capsys.readouterr().out and not weights.exists()
