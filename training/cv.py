@@ -3,6 +3,7 @@
     python -m training.cv train    --recipe light16 --fold 0 --covid-root D --medseg-root M --run-root runs/cv
     python -m training.cv evaluate --recipe light16 --covid-root D --medseg-root M --run-root runs/cv
     python -m training.cv table    --run-root docs/cv --out docs/cv/results.md --plot docs/cv/curves.png
+    python -m training.cv status   --run-root runs/cv          # epochs done, s/epoch, time left per fold
     python -m training.cv publish  --recipe light16 --record docs/cv --run-root runs/cv --covid-root D --medseg-root M
 
 The folds are fixed in `training/folds.json` (committed before any CV run). A recipe is a fixed set of
@@ -112,6 +113,50 @@ def _finished(run_dir: Path) -> dict | None:
 def _stage_dirs(run_dir: Path) -> list[Path]:
     """The earlier stages' run folders of a staged fold, in order (empty for a single-stage recipe)."""
     return sorted(p for p in run_dir.glob("stage*") if (p / "state.json").is_file())
+
+
+def _epochs_of(argv: list[str]) -> int:
+    return int(argv[argv.index("--epochs") + 1]) if "--epochs" in argv else 0
+
+
+def fold_status(recipe: str, fold, run_root) -> dict:
+    """Progress of one fold run over all its stages: epochs done and planned, the last epoch's validation-subset
+    Dice, seconds per epoch (mean of the last 3) and the time left at that pace. Reads only state.json and
+    log.csv, so it is safe while the run trains."""
+    import csv
+
+    stages = train_stages(recipe, fold, "-", "-", run_root)
+    planned = sum(_epochs_of(a) for a in stages)
+    done, rows = 0, []
+    for argv in stages:
+        run_dir = Path(argv[argv.index("--run-dir") + 1])
+        log = run_dir / "log.csv"
+        stage_rows = list(csv.DictReader(log.open())) if log.is_file() else []
+        rows += stage_rows
+        done += len(stage_rows)
+    recent = [float(r["seconds"]) for r in rows[-3:]]
+    pace = sum(recent) / len(recent) if recent else None
+    last = rows[-1] if rows else {}
+    return {"recipe": recipe, "fold": fold, "epochs_done": done, "epochs_planned": planned,
+            "val_dice_covid": float(last["val_dice_covid"]) if last.get("val_dice_covid") else None,
+            "val_dice_medseg": float(last["val_dice_medseg"]) if last.get("val_dice_medseg") else None,
+            "seconds_per_epoch": pace,
+            "hours_left": (planned - done) * pace / 3600 if pace is not None else None}
+
+
+def status_table(run_root) -> str:
+    """Markdown table of `fold_status` for every recipe folder under run_root that has started."""
+    lines = ["| recipe | fold | epochs | val Dice covid | val Dice MedSeg | s/epoch | hours left |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    for recipe_dir in sorted(p for p in Path(run_root).glob("*") if p.name in RECIPES):
+        for fold_path in sorted(recipe_dir.glob("fold*")) + sorted(recipe_dir.glob("final")):
+            fold = "all" if fold_path.name == "final" else fold_path.name[4:]
+            st = fold_status(recipe_dir.name, fold, run_root)
+            lines.append(f"| {st['recipe']} | {fold} | {st['epochs_done']}/{st['epochs_planned']} | "
+                         f"{fmt(st['val_dice_covid'], '.3f')} | {fmt(st['val_dice_medseg'], '.3f')} | "
+                         f"{fmt(st['seconds_per_epoch'], '.0f')} | {fmt(st['hours_left'], '.2f')} |")
+    return "\n".join(lines) + "\n"
 
 
 #: serving-scale probes, fixed 2026-12-04 before any shipped-cv fold finished: the 448 canvas enlarged to 512
@@ -307,6 +352,8 @@ def main(argv=None) -> int:
     pub.add_argument("--medseg-root", required=True)
     pub.add_argument("--weights-out", help="weights file to write (default: the shipped one; its card beside it)")
     pub.add_argument("--force", action="store_true", help="publish even if the rule says no (not for shipping)")
+    st = sub.add_parser("status", help="epochs done, validation-subset Dice, s/epoch and hours left per fold run")
+    st.add_argument("--run-root", default="runs/cv")
     t = sub.add_parser("table")
     t.add_argument("--run-root", default="runs/cv")
     t.add_argument("--out", help="write the markdown table here")
@@ -351,6 +398,9 @@ def main(argv=None) -> int:
             print(f"fold {fold}: covid {r['covid']['mean_dice']:.4f} (n {r['covid']['n_images']}), "
                   f"MedSeg {r['medseg']['mean_dice']:.4f} (n {r['medseg']['n_images']})")
         return 0 if done else 1
+    if args.cmd == "status":
+        print(status_table(args.run_root), end="")
+        return 0
     results = collect(args.run_root) if Path(args.run_root).is_dir() else {}
     table = markdown_table(results, k)
     print(table)

@@ -221,6 +221,26 @@ def test_a_staged_fold_trains_both_stages_and_records_one_log(tmp_path, monkeypa
     assert [row.split(",")[0] for row in log] == ["epoch", "1", "2", "3"]
 
 
+def test_status_counts_epochs_over_stages_and_times_what_is_left(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(cv.RECIPES, "tiny2", {"epochs": 2, "lr": 1e-3, "then": {"epochs": 3, "lr": 1e-4}})
+    stage1 = tmp_path / "tiny2" / "fold1" / "stage1"
+    stage1.mkdir(parents=True)
+    header = "epoch,lr,loss,train_iou,val_dice_covid,val_dice_medseg,score,seconds\n"
+    (stage1 / "log.csv").write_text(header + "1,0.001,1.2,0.1,0.10,0.20,0.15,100\n"
+                                    "2,0.001,1.0,0.2,0.30,0.40,0.35,110\n")
+    st = cv.fold_status("tiny2", "1", tmp_path)
+    # stage 1 done (2 of 2), the fine-tune not started: 3 epochs left at the last epochs' mean 105 s
+    assert (st["epochs_done"], st["epochs_planned"]) == (2, 5)
+    assert (st["val_dice_covid"], st["val_dice_medseg"], st["seconds_per_epoch"]) == (0.30, 0.40, 105.0)
+    assert st["hours_left"] == pytest.approx(3 * 105 / 3600)
+    (tmp_path / "tiny2" / "fold1" / "log.csv").write_text(header + "1,0.0001,0.9,0.3,0.5,0.6,0.55,90\n")
+    assert cv.fold_status("tiny2", "1", tmp_path)["seconds_per_epoch"] == pytest.approx((100 + 110 + 90) / 3)
+    (tmp_path / "not-a-recipe" / "fold0").mkdir(parents=True)  # other folders under the run root are ignored
+    assert cv.main(["status", "--run-root", str(tmp_path)]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| tiny2")]
+    assert rows == ["| tiny2 | 1 | 3/5 | 0.500 | 0.600 | 100 | 0.06 |"]
+
+
 def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tmp_path, capsys):
     from training import publish_cv
 
