@@ -121,27 +121,18 @@ def _epochs_of(argv: list[str]) -> int:
 
 def fold_status(recipe: str, fold, run_root) -> dict:
     """Progress of one fold run over all its stages: epochs done and planned, the last epoch's validation-subset
-    Dice, seconds per epoch (mean of the last 3) and the time left at that pace. Reads only state.json and
+    Dice, seconds per epoch (mean of the last 3) and the time left at that pace. Reads only the stages'
     log.csv, so it is safe while the run trains."""
-    import csv
-
     stages = train_stages(recipe, fold, "-", "-", run_root)
     planned = sum(_epochs_of(a) for a in stages)
-    done, rows = 0, []
-    for argv in stages:
-        run_dir = Path(argv[argv.index("--run-dir") + 1])
-        log = run_dir / "log.csv"
-        stage_rows = list(csv.DictReader(log.open())) if log.is_file() else []
-        rows += stage_rows
-        done += len(stage_rows)
+    rows = fold_log_rows(fold_dir(run_root, recipe, fold))
     recent = [float(r["seconds"]) for r in rows[-3:]]
     pace = sum(recent) / len(recent) if recent else None
     last = rows[-1] if rows else {}
-    return {"recipe": recipe, "fold": fold, "epochs_done": done, "epochs_planned": planned,
-            "val_dice_covid": float(last["val_dice_covid"]) if last.get("val_dice_covid") else None,
-            "val_dice_medseg": float(last["val_dice_medseg"]) if last.get("val_dice_medseg") else None,
-            "seconds_per_epoch": pace,
-            "hours_left": (planned - done) * pace / 3600 if pace is not None else None}
+    value = lambda key: float(last[key]) if last.get(key) else None  # noqa: E731
+    return {"recipe": recipe, "fold": fold, "epochs_done": len(rows), "epochs_planned": planned,
+            "val_dice_covid": value("val_dice_covid"), "val_dice_medseg": value("val_dice_medseg"),
+            "seconds_per_epoch": pace, "hours_left": (planned - len(rows)) * pace / 3600 if pace else None}
 
 
 def status_table(run_root) -> str:
@@ -215,30 +206,34 @@ def evaluate_fold(run_dir: Path, covid_root, medseg_root, batch_size: int = 8, c
     return result
 
 
+def fold_log_rows(run_dir: Path) -> list[dict]:
+    """The rows of a fold's log.csv, a staged fold's stages one after another with epochs numbered on from stage
+    to stage (values as the trainer wrote them, strings)."""
+    import csv
+
+    rows: list[dict] = []
+    for log in (d / "log.csv" for d in [*_stage_dirs(run_dir), run_dir]):
+        if log.is_file():
+            with log.open() as f:
+                rows += [{**row, "epoch": str(int(row["epoch"]) + len(rows))} for row in csv.DictReader(f)]
+    return rows
+
+
 def record_fold(run_dir: Path, record_root, recipe: str) -> Path:
     """Copy a fold's (or the final run's) metrics.json and log.csv into record_root/<recipe>/<run_dir.name>/.
-    A staged fold's log.csv is its stages' logs one after another, epochs numbered on from stage to stage."""
+    A staged fold's log.csv is `fold_log_rows`: its stages' logs one after another."""
     import csv
-    import io
 
     dest = Path(record_root) / recipe / run_dir.name
     dest.mkdir(parents=True, exist_ok=True)
     for metrics in run_dir.glob("metrics*.json"):
         (dest / metrics.name).write_bytes(metrics.read_bytes())
-    logs = [d / "log.csv" for d in [*_stage_dirs(run_dir), run_dir] if (d / "log.csv").is_file()]
-    if len(logs) == 1:
-        (dest / "log.csv").write_bytes(logs[0].read_bytes())
-    elif logs:
-        out, writer, offset = io.StringIO(), None, 0
-        for log in logs:
-            rows = list(csv.DictReader(open(log)))
-            for row in rows:
-                if writer is None:
-                    writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
-                    writer.writeheader()
-                writer.writerow({**row, "epoch": int(row["epoch"]) + offset})
-            offset += len(rows)
-        (dest / "log.csv").write_text(out.getvalue())
+    rows = fold_log_rows(run_dir)
+    if rows:
+        with (dest / "log.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
     return dest
 
 

@@ -225,6 +225,7 @@ def test_status_counts_epochs_over_stages_and_times_what_is_left(tmp_path, monke
     monkeypatch.setitem(cv.RECIPES, "tiny2", {"epochs": 2, "lr": 1e-3, "then": {"epochs": 3, "lr": 1e-4}})
     stage1 = tmp_path / "tiny2" / "fold1" / "stage1"
     stage1.mkdir(parents=True)
+    (stage1 / "state.json").write_text(json.dumps({"epoch": 2, "args": {"epochs": 2}}))
     header = "epoch,lr,loss,train_iou,val_dice_covid,val_dice_medseg,score,seconds\n"
     (stage1 / "log.csv").write_text(header + "1,0.001,1.2,0.1,0.10,0.20,0.15,100\n"
                                     "2,0.001,1.0,0.2,0.30,0.40,0.35,110\n")
