@@ -240,9 +240,7 @@ def record_fold(run_dir: Path, record_root, recipe: str) -> Path:
 def plot_fold_curves(run_root, out_png) -> Path | None:
     """One panel per recipe: each fold's validation Dice (covid solid, MedSeg dashed) by epoch from its log.csv,
     on the val_limit subset logged during training, with the fold's full held-out score at the last epoch as a
-    marker. None when no recipe has a log."""
-    import csv
-
+    marker. A staged fold's curve runs through its stages (`fold_log_rows`). None when no recipe has a log."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,8 +248,8 @@ def plot_fold_curves(run_root, out_png) -> Path | None:
 
     recipes = {}
     for recipe_dir in sorted(p for p in Path(run_root).iterdir() if p.is_dir()):
-        logs = {fd.name: list(csv.DictReader(open(fd / "log.csv"))) for fd in sorted(recipe_dir.glob("fold*"))
-                if (fd / "log.csv").is_file()}
+        logs = {fd.name: fold_log_rows(fd) for fd in sorted(recipe_dir.glob("fold*"))}
+        logs = {fold: rows for fold, rows in logs.items() if rows}
         if logs:
             recipes[recipe_dir.name] = logs
     if not recipes:
