@@ -171,6 +171,20 @@ def zoomed(predict, canvas: int):
     return run
 
 
+def multiscale(predict, canvases):
+    """The mean of `predict`'s maps over `canvases` (448 is the canvas itself, others through `zoomed`)."""
+    import numpy as np
+
+    from shared.core.preprocessing import INPUT_SIZE
+
+    runs = [predict if c == INPUT_SIZE else zoomed(predict, c) for c in canvases]
+
+    def run(x):
+        return np.mean([np.asarray(r(x), dtype=np.float32) for r in runs], axis=0)
+
+    return run
+
+
 def metrics_name(canvas: int | None) -> str:
     return "metrics.json" if not canvas else f"metrics-canvas{canvas}.json"
 
