@@ -293,3 +293,25 @@ def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tm
     (runs / "shipped-cv" / "final" / "state.json").write_text((final / "state.json").read_text())
     assert cv.main([*base[:2], "shipped-cv", *base[3:]]) == 1
     assert "whose CV is the bar itself" in capsys.readouterr().out and not weights.exists()
+
+
+def test_plan_times_the_recipes_step_and_counts_every_stage(monkeypatch, capsys):
+    import re
+
+    monkeypatch.setitem(cv.RECIPES, "tiny-plan", {"epochs": 2, "steps_per_epoch": 3, "batch_size": 2, "crop": 64,
+                                                  "then": {"epochs": 1, "lr": 1e-4}})
+    assert cv.fold_steps("tiny-plan") == 2 * 3 + 1 * 3
+    assert cv.fold_steps("shipped-cv") == 36 * 150 + 4 * 150  # the shipped weights' schedule, both stages
+    assert cv.main(["plan", "--recipe", "tiny-plan", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    m = re.match(r"tiny-plan: 9 steps per fold, fp32, threads all: ([0-9.]+) s per step here, ([0-9.]+) h per fold",
+                 out)
+    assert m and float(m[1]) > 0 and float(m[2]) == pytest.approx(9 * float(m[1]) / 3600, abs=0.006)
+    assert "warning" not in out
+
+
+def test_bf16_is_flagged_on_cpus_without_bf16_instructions():
+    assert "bf16 runs slower than fp32 here" in cv.precision_warning("bf16", {"avx2", "fma"})
+    assert cv.precision_warning("bf16", {"avx2", "amx_bf16"}) is None
+    assert cv.precision_warning("bf16", {"avx512f", "avx512_bf16"}) is None
+    assert cv.precision_warning("fp32", {"avx2"}) is None
