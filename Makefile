@@ -67,7 +67,8 @@ cluster-scale: setup
 
 ## cv-train: train folds FOLDS (default "0 1") of recipe RECIPE in the background, THREADS (default 1) TF threads
 ## each: two 1-thread folds side by side use both cores. Logs: CV_RUN_ROOT/<recipe>-fold<K>.log; `make cv-status`
-## shows progress. Data roots: COVID_ROOT, MEDSEG_ROOT (default ../shared/data/...). See docs/MODEL.md.
+## shows progress. Data roots: COVID_ROOT, MEDSEG_ROOT (default ../shared/data/...). PRECISION=fp32 overrides a bf16
+## recipe on a CPU without bf16 instructions. First `python -m training.cv plan --recipe R`. See docs/MODEL.md.
 COVID_ROOT ?= ../shared/data/covid19-ct-seg-256
 MEDSEG_ROOT ?= ../shared/data/medseg-100-train
 CV_RUN_ROOT ?= runs/cv
@@ -78,7 +79,8 @@ cv-train: setup
 	@test -n "$(RECIPE)" || { echo "usage: make cv-train RECIPE=<name> [FOLDS='0 1'] [THREADS=1]" >&2; exit 2; }
 	@mkdir -p $(CV_RUN_ROOT)
 	@for f in $(FOLDS); do \
-	  nohup $(PY) -m training.cv train --recipe $(RECIPE) --fold $$f --threads $(THREADS) --covid-root $(COVID_ROOT) \
+	  nohup $(PY) -m training.cv train --recipe $(RECIPE) --fold $$f --threads $(THREADS) \
+	    $(if $(PRECISION),--precision $(PRECISION)) --covid-root $(COVID_ROOT) \
 	    --medseg-root $(MEDSEG_ROOT) --run-root $(CV_RUN_ROOT) > $(CV_RUN_ROOT)/$(RECIPE)-fold$$f.log 2>&1 & \
 	  echo "fold $$f: pid $$!, log $(CV_RUN_ROOT)/$(RECIPE)-fold$$f.log"; \
 	done

@@ -287,7 +287,7 @@ def evaluate_fold(run_dir: Path, covid_root, medseg_root, batch_size: int = 8, c
     result = {"fold": fold, "epoch": sum(st["epoch"] for st in stages),
               "epochs": sum(st["args"]["epochs"] for st in stages),
               "train_hours": round(sum(st.get("train_seconds", 0.0) for st in stages) / 3600, 2),
-              "framing": framing, "canvas": canvas or 448,
+              "framing": framing, "canvas": canvas or 448, "precision": state["args"].get("precision", "fp32"),
               "covid": evaluate_samples(predict, val_c, batch_size, desc=f"fold {fold} covid", framing=framing),
               "medseg": evaluate_samples(predict, val_m, batch_size, desc=f"fold {fold} medseg", framing=framing)}
     (run_dir / metrics_name(canvas)).write_text(json.dumps(result, indent=1))
@@ -425,6 +425,10 @@ def main(argv=None) -> int:
             s.add_argument("--fold", required=True, help="fold number, or 'all' for the final model")
             s.add_argument("--threads", type=int, default=0,
                            help="TensorFlow CPU threads (default 0: all cores; not part of the recipe)")
+            s.add_argument("--precision", choices=["fp32", "bf16"],
+                           help="train in this precision instead of the recipe's, on a CPU where the recipe's does "
+                           "not pay (bf16 without AMX-BF16/AVX512-BF16: `plan` warns); kept in the fold's "
+                           "state.json and metrics.json")
     pub = sub.add_parser("publish", help="ship the recipe's final model if its CV beats the shipped weights")
     pub.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     pub.add_argument("--record", default="docs/cv", help="the committed fold records (default docs/cv)")
@@ -460,7 +464,8 @@ def main(argv=None) -> int:
             if len(stages) > 1 and _finished(run_dir):
                 print(f"{run_dir}: finished, next stage", flush=True)
                 continue
-            rc = train.main(argv + (["--threads", str(args.threads)] if args.threads else []))
+            rc = train.main(argv + (["--threads", str(args.threads)] if args.threads else [])
+                            + (["--precision", args.precision] if args.precision else []))
             if rc:
                 return rc
         return 0

@@ -146,13 +146,15 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     covid, medseg, folds = _fake_data(tmp_path)
     monkeypatch.setattr(data, "FOLDS_FILE", folds)
     monkeypatch.setitem(cv.RECIPES, "tiny", {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2, "crop": 64,
-                                             "augment": "light", "val_limit": 1})
+                                             "augment": "light", "val_limit": 1, "precision": "bf16"})
     base = ["--recipe", "tiny", "--covid-root", str(covid), "--medseg-root", str(medseg),
             "--run-root", str(tmp_path / "cv")]
-    assert cv.main(["train", *base, "--fold", "0"]) == 0
+    # a bf16 recipe trained in fp32 on a CPU without bf16 instructions
+    assert cv.main(["train", *base, "--fold", "0", "--precision", "fp32"]) == 0
     run_dir = tmp_path / "cv" / "tiny" / "fold0"
     state = json.loads((run_dir / "state.json").read_text())
     assert state["epoch"] == 1 and state["args"]["fold"] == 0 and (run_dir / "last.h5").is_file()
+    assert state["args"]["precision"] == "fp32"
     capsys.readouterr()
     assert cv.main(["evaluate", *base]) == 0  # fold 1 is not trained: skipped, fold 0 evaluated
     out = capsys.readouterr().out
@@ -160,6 +162,7 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # fold 0 holds out group p1 (two slices) and MedSeg image 5: every held-out slice is scored, not val_limit
     assert metrics["covid"]["n_images"] == 2 and metrics["medseg"]["n_images"] == 1 and 0.0 <= metrics["covid"]["mean_dice"] <= 1
+    assert metrics["precision"] == "fp32"
     assert cv.main(["table", "--run-root", str(tmp_path / "cv"), "--out", str(tmp_path / "t.md")]) == 0
     assert "| tiny | 1 of 2 |" in (tmp_path / "t.md").read_text()
     # --record keeps the small files of the fold (no weights) in the committed layout; table and plot read it
