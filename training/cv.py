@@ -168,10 +168,10 @@ def fold_steps(recipe: str) -> int:
                for a in train_stages(recipe, 0, "-", "-", "-"))
 
 
-def time_training_step(recipe: str, threads: int = 0, steps: int = 3) -> float:
-    """Seconds per training step of `recipe`'s batch, crop and precision on this machine: `steps` steps of
-    `train_on_batch` on random crops after one warm-up step (the trainer's model, loss and optimiser). Must run
-    before TensorFlow's first op in the process when `threads` is set."""
+def time_training_step(recipe: str, threads: int = 0, steps: int = 3, precision: str | None = None) -> float:
+    """Seconds per training step of `recipe`'s batch, crop and precision (or `precision`) on this machine: `steps`
+    steps of `train_on_batch` on random crops after one warm-up step (the trainer's model, loss and optimiser).
+    Must run before TensorFlow's first op in the process when `threads` is set."""
     import contextlib
     import time
 
@@ -182,14 +182,16 @@ def time_training_step(recipe: str, threads: int = 0, steps: int = 3) -> float:
         import segmentation_models as sm
 
     from shared.core import model as model_lib
+    from shared.core.preprocessing import INPUT_SIZE
     from training.train import DEFAULTS
 
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     options = RECIPES[recipe]
-    batch, crop = options.get("batch_size", DEFAULTS["batch_size"]), options.get("crop", DEFAULTS["crop"]) or 448
-    model = model_lib.build_unet(precision=options.get("precision", DEFAULTS["precision"]))
+    batch = options.get("batch_size", DEFAULTS["batch_size"])
+    crop = options.get("crop", DEFAULTS["crop"]) or INPUT_SIZE
+    model = model_lib.build_unet(precision=precision or options.get("precision", DEFAULTS["precision"]))
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
                   loss=sm.losses.BinaryCELoss() + sm.losses.JaccardLoss(per_image=True))
     rng = np.random.default_rng(0)
@@ -202,15 +204,16 @@ def time_training_step(recipe: str, threads: int = 0, steps: int = 3) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def plan(recipe: str, threads: int = 0, steps: int = 3, flags: set[str] | None = None) -> dict:
+def plan(recipe: str, threads: int = 0, steps: int = 3, flags: set[str] | None = None,
+         precision: str | None = None) -> dict:
     """What one fold of `recipe` costs on this machine: steps per fold, measured seconds per step, hours, and
-    whether the CPU has what the recipe's precision needs."""
+    whether the CPU has what the recipe's precision (or `precision`, as `train --precision`) needs."""
     from shared.core.inference import cpu_flags
 
     flags = cpu_flags() if flags is None else flags
-    seconds = time_training_step(recipe, threads, steps)
+    precision = precision or RECIPES[recipe].get("precision", "fp32")
+    seconds = time_training_step(recipe, threads, steps, precision)
     n = fold_steps(recipe)
-    precision = RECIPES[recipe].get("precision", "fp32")
     return {"recipe": recipe, "threads": threads or "all", "precision": precision, "steps_per_fold": n,
             "seconds_per_step": seconds, "hours_per_fold": n * seconds / 3600,
             "bf16_cpu": sorted(set(BF16_CPU_FLAGS) & flags), "warning": precision_warning(precision, flags)}
@@ -442,6 +445,8 @@ def main(argv=None) -> int:
     pl.add_argument("--threads", type=int, default=0, help="TensorFlow CPU threads, as the runs will use them "
                     "(default 0: all cores; 1 for two folds side by side)")
     pl.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (default 3)")
+    pl.add_argument("--precision", choices=["fp32", "bf16"], help="time this precision instead of the recipe's "
+                    "(as `train --precision` would train)")
     st = sub.add_parser("status", help="epochs done, validation-subset Dice, s/epoch and hours left per fold run")
     st.add_argument("--run-root", default="runs/cv")
     t = sub.add_parser("table")
@@ -490,7 +495,7 @@ def main(argv=None) -> int:
                   f"MedSeg {r['medseg']['mean_dice']:.4f} (n {r['medseg']['n_images']})")
         return 0 if done else 1
     if args.cmd == "plan":
-        r = plan(args.recipe, args.threads, max(1, args.steps))
+        r = plan(args.recipe, args.threads, max(1, args.steps), precision=args.precision)
         print(f"{r['recipe']}: {r['steps_per_fold']} steps per fold, {r['precision']}, threads {r['threads']}: "
               f"{r['seconds_per_step']:.2f} s per step here, {r['hours_per_fold']:.2f} h per fold"
               f" (bf16 CPU flags: {', '.join(r['bf16_cpu']) or 'none'})")

@@ -302,10 +302,11 @@ def test_plan_times_the_recipes_step_and_counts_every_stage(monkeypatch, capsys)
     import re
 
     monkeypatch.setitem(cv.RECIPES, "tiny-plan", {"epochs": 2, "steps_per_epoch": 3, "batch_size": 2, "crop": 64,
-                                                  "then": {"epochs": 1, "lr": 1e-4}})
+                                                  "precision": "bf16", "then": {"epochs": 1, "lr": 1e-4}})
     assert cv.fold_steps("tiny-plan") == 2 * 3 + 1 * 3
     assert cv.fold_steps("shipped-cv") == 36 * 150 + 4 * 150  # the shipped weights' schedule, both stages
-    assert cv.main(["plan", "--recipe", "tiny-plan", "--steps", "1"]) == 0
+    # timed as `train --precision fp32` would train this bf16 recipe
+    assert cv.main(["plan", "--recipe", "tiny-plan", "--steps", "1", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     m = re.match(r"tiny-plan: 9 steps per fold, fp32, threads all: ([0-9.]+) s per step here, ([0-9.]+) h per fold",
                  out)
