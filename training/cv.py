@@ -179,11 +179,11 @@ def time_training_step(recipe: str, threads: int = 0, steps: int = 3, precision:
     import tensorflow as tf
 
     with contextlib.redirect_stdout(sys.stderr):  # its banner: stdout is the plan's answer
-        import segmentation_models as sm
+        import segmentation_models  # noqa: F401
 
     from shared.core import model as model_lib
     from shared.core.preprocessing import INPUT_SIZE
-    from training.train import DEFAULTS
+    from training.train import DEFAULTS, training_loss
 
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -192,8 +192,7 @@ def time_training_step(recipe: str, threads: int = 0, steps: int = 3, precision:
     batch = options.get("batch_size", DEFAULTS["batch_size"])
     crop = options.get("crop", DEFAULTS["crop"]) or INPUT_SIZE
     model = model_lib.build_unet(precision=precision or options.get("precision", DEFAULTS["precision"]))
-    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
-                  loss=sm.losses.BinaryCELoss() + sm.losses.JaccardLoss(per_image=True))
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=training_loss())
     rng = np.random.default_rng(0)
     x = rng.random((batch, crop, crop, 1), dtype=np.float32)
     y = (rng.random((batch, crop, crop, 1)) > 0.9).astype(np.float32)

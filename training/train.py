@@ -93,6 +93,13 @@ def lr_at(epoch: int, args) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def training_loss():
+    """BCE + per-image Jaccard: the trainer's loss (and what `training.cv plan` times)."""
+    import segmentation_models as sm
+
+    return sm.losses.BinaryCELoss() + sm.losses.JaccardLoss(per_image=True)
+
+
 def frame_examples(examples, framing: str = "full"):
     """[(image, mask, domain)] -> the same, each image and mask cut to the image's frame (`shared.core.framing`,
     the function serving uses)."""
@@ -237,7 +244,7 @@ def run(args) -> int:
 
     model_lib.configure_devices()
     model = model_lib.build_unet(precision=args.precision)
-    loss = sm.losses.BinaryCELoss() + sm.losses.JaccardLoss(per_image=True)
+    loss = training_loss()
     opt = tf.keras.optimizers.Adam(learning_rate=args.lr)
     model.compile(optimizer=opt, loss=loss, metrics=[sm.metrics.IOUScore(threshold=0.5, name="iou")])
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
