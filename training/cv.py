@@ -16,9 +16,11 @@ run's last epoch; `train` runs (or resumes) both in turn.
 
 Each fold run is resumable (`train` again continues it) and lives in RUN_ROOT/<recipe>/fold<K>/.
 `evaluate` scores each finished fold's last.h5 on the fold's full held-out slices (fp32, threshold 0.5, Dice at
-each mask's own size: the protocol of `covidseg evaluate`) into metrics.json; `table` collects every recipe.
+each mask's own size: the protocol of `covidseg evaluate`) into metrics.json, which names the weights it scored by
+their sha256; a fold whose metrics.json already scores its current last.h5 is kept as it is (`--force` scores it
+again), so `evaluate` can be re-run as folds finish. `table` collects every recipe.
 
-Run folders (checkpoints, weights) do not outlive a session's machine, so `evaluate --record docs/cv` also copies
+Run folders (checkpoints, weights) live only as long as the machine they were trained on, so `evaluate --record docs/cv` also copies
 each fold's metrics.json and log.csv (a few KB) into RECORD/<recipe>/fold<K>/, the same layout, which is
 committed: folds finished in different sessions add up there, and `table --run-root docs/cv` reads them.
 """
@@ -265,10 +267,24 @@ def metrics_name(canvas: int | None) -> str:
     return "metrics.json" if not canvas else f"metrics-canvas{canvas}.json"
 
 
+def scored_metrics(run_dir: Path, canvas: int | None = None) -> dict | None:
+    """run_dir's metrics file (`metrics_name(canvas)`) when it scored the weights now in run_dir/last.h5, else
+    None: scoring a fold takes minutes of CPU, so `evaluate` re-scores only folds whose weights changed."""
+    from shared.core.inference import file_digest
+
+    path = run_dir / metrics_name(canvas)
+    if not (path.is_file() and (run_dir / "last.h5").is_file()):
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if metrics.get("weights_sha256") == file_digest(run_dir / "last.h5") else None
+
+
 def evaluate_fold(run_dir: Path, covid_root, medseg_root, batch_size: int = 8, canvas: int | None = None) -> dict:
     """Score run_dir/last.h5 on its fold's held-out slices -> the metrics dict written to metrics.json (with
-    `canvas`, a serving-scale probe: the model sees the canvas enlarged to canvas², into metrics-canvas<N>.json)."""
+    `canvas`, a serving-scale probe: the model sees the canvas enlarged to canvas², into metrics-canvas<N>.json).
+    The dict names the weights it scored by their sha256 (`scored_metrics`)."""
     from shared.core import model as model_lib
+    from shared.core.inference import file_digest
     from training import data
     from training.publish import evaluate_samples
 
@@ -290,6 +306,7 @@ def evaluate_fold(run_dir: Path, covid_root, medseg_root, batch_size: int = 8, c
               "epochs": sum(st["args"]["epochs"] for st in stages),
               "train_hours": round(sum(st.get("train_seconds", 0.0) for st in stages) / 3600, 2),
               "framing": framing, "canvas": canvas or 448, "precision": state["args"].get("precision", "fp32"),
+              "weights_sha256": file_digest(run_dir / "last.h5"),
               "covid": evaluate_samples(predict, val_c, batch_size, desc=f"fold {fold} covid", framing=framing),
               "medseg": evaluate_samples(predict, val_m, batch_size, desc=f"fold {fold} medseg", framing=framing)}
     (run_dir / metrics_name(canvas)).write_text(json.dumps(result, indent=1))
@@ -420,6 +437,9 @@ def main(argv=None) -> int:
         if name == "evaluate":
             s.add_argument("--record", help="also copy each evaluated fold's metrics.json and log.csv into "
                            "RECORD/<recipe>/fold<K>/ (committed, e.g. docs/cv)")
+            s.add_argument("--force", action="store_true",
+                           help="score every finished fold again, even one whose metrics file already scored its "
+                           "current last.h5 (by default such a fold is kept as scored)")
             s.add_argument("--canvas", type=int, choices=ZOOM_PROBES,
                            help="serving-scale probe: score with the 448 canvas enlarged to this size "
                            "(metrics-canvas<N>.json; the recipe's CV number stays metrics.json)")
@@ -486,7 +506,11 @@ def main(argv=None) -> int:
                 state = json.loads((fd / "state.json").read_text()) if (fd / "state.json").is_file() else None
                 print(f"fold {fold}: not finished ({state['epoch'] if state else 0} epochs), skipped")
                 continue
-            r = evaluate_fold(fd, args.covid_root, args.medseg_root, canvas=args.canvas)
+            r = None if args.force else scored_metrics(fd, args.canvas)
+            if r is not None:
+                print(f"fold {fold}: {metrics_name(args.canvas)} already scores its last.h5, kept (--force: score again)")
+            else:
+                r = evaluate_fold(fd, args.covid_root, args.medseg_root, canvas=args.canvas)
             if args.record:
                 record_fold(fd, args.record, args.recipe)
             done += 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.core.inference import file_digest
 from training import cv, data
 
 FX = Path(__file__).resolve().parents[1] / "fixtures"
@@ -165,8 +166,11 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     assert metrics["precision"] == "fp32"
     assert cv.main(["table", "--run-root", str(tmp_path / "cv"), "--out", str(tmp_path / "t.md")]) == 0
     assert "| tiny | 1 of 2 |" in (tmp_path / "t.md").read_text()
-    # --record keeps the small files of the fold (no weights) in the committed layout; table and plot read it
+    # --record keeps the small files of the fold (no weights) in the committed layout; table and plot read it.
+    # The fold already scored its last.h5 (metrics.json names the weights' sha256): kept, not scored again.
+    assert metrics["weights_sha256"] == file_digest(run_dir / "last.h5")
     assert cv.main(["evaluate", *base, "--record", str(tmp_path / "record")]) == 0
+    assert "fold 0: metrics.json already scores its last.h5, kept" in capsys.readouterr().out
     kept = tmp_path / "record" / "tiny" / "fold0"
     assert sorted(p.name for p in kept.iterdir()) == ["log.csv", "metrics.json"]
     assert json.loads((kept / "metrics.json").read_text()) == metrics
@@ -180,6 +184,15 @@ def test_a_tiny_fold_trains_and_evaluates_end_to_end(tmp_path, monkeypatch, caps
     assert (kept / "metrics-canvas512.json").is_file()
     with pytest.raises(SystemExit):
         cv.main(["evaluate", *base, "--canvas", "500"])  # only the probes fixed in advance
+    # new weights in the fold (a resumed run, a longer schedule) are scored again; --force scores anyway
+    scored = []
+    monkeypatch.setattr(cv, "evaluate_fold", lambda fd, *a, **kw: scored.append(fd.name) or metrics)
+    assert cv.main(["evaluate", *base]) == 0 and scored == []
+    assert cv.main(["evaluate", *base, "--force"]) == 0 and scored == ["fold0"]
+    with (run_dir / "last.h5").open("ab") as f:
+        f.write(b"\0")
+    assert cv.scored_metrics(run_dir) is None and cv.scored_metrics(run_dir, 512) is None
+    assert cv.main(["evaluate", *base]) == 0 and scored == ["fold0", "fold0"]
 
 
 def test_zoomed_prediction_runs_the_model_on_the_enlarged_canvas_and_returns_the_canvas_size():
