@@ -20,9 +20,9 @@ each mask's own size: the protocol of `covidseg evaluate`) into metrics.json, wh
 their sha256; a fold whose metrics.json already scores its current last.h5 is kept as it is (`--force` scores it
 again), so `evaluate` can be re-run as folds finish. `table` collects every recipe.
 
-Run folders (checkpoints, weights) live only as long as the machine they were trained on, so `evaluate --record docs/cv` also copies
-each fold's metrics.json and log.csv (a few KB) into RECORD/<recipe>/fold<K>/, the same layout, which is
-committed: folds finished in different sessions add up there, and `table --run-root docs/cv` reads them.
+Run folders (checkpoints, weights) live only as long as the machine they were trained on, so
+`evaluate --record docs/cv` also copies each fold's metrics.json and log.csv (a few KB) into
+RECORD/<recipe>/fold<K>/, the same layout, which is committed: folds finished in different sessions add up there, and `table --run-root docs/cv` reads them.
 """
 from __future__ import annotations
 
