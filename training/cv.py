@@ -122,34 +122,51 @@ def _epochs_of(argv: list[str]) -> int:
     return int(argv[argv.index("--epochs") + 1]) if "--epochs" in argv else 0
 
 
-def fold_status(recipe: str, fold, run_root) -> dict:
+def fold_status(recipe: str, fold, run_root, now: float | None = None) -> dict:
     """Progress of one fold run over all its stages: epochs done and planned, the last epoch's validation-subset
-    Dice, seconds per epoch (mean of the last 3) and the time left at that pace. Reads only the stages'
-    log.csv, so it is safe while the run trains."""
+    Dice, seconds per epoch (mean of the last 3), the time left at that pace, and how long ago (at `now`, default
+    the clock) the last epoch ended. A run whose last epoch ended more than twice its pace ago while epochs are
+    left has `stopped` set: its process is gone (a session's end, a crash) and `train` again resumes it. Reads
+    only the stages' log.csv, so it is safe while the run trains."""
+    import time
+
     stages = train_stages(recipe, fold, "-", "-", run_root)
     planned = sum(_epochs_of(a) for a in stages)
-    rows = fold_log_rows(fold_dir(run_root, recipe, fold))
+    run_dir = fold_dir(run_root, recipe, fold)
+    rows = fold_log_rows(run_dir)
     recent = [float(r["seconds"]) for r in rows[-3:]]
     pace = sum(recent) / len(recent) if recent else None
     last = rows[-1] if rows else {}
     value = lambda key: float(last[key]) if last.get(key) else None  # noqa: E731
+    logs = [log for log in (d / "log.csv" for d in [*_stage_dirs(run_dir), run_dir]) if log.is_file()]
+    ago = (time.time() if now is None else now) - max(log.stat().st_mtime for log in logs) if rows else None
     return {"recipe": recipe, "fold": fold, "epochs_done": len(rows), "epochs_planned": planned,
             "val_dice_covid": value("val_dice_covid"), "val_dice_medseg": value("val_dice_medseg"),
-            "seconds_per_epoch": pace, "hours_left": (planned - len(rows)) * pace / 3600 if pace else None}
+            "seconds_per_epoch": pace, "hours_left": (planned - len(rows)) * pace / 3600 if pace else None,
+            "seconds_since_epoch": ago,
+            "stopped": bool(pace and len(rows) < planned and ago > 2 * pace)}
 
 
 def status_table(run_root) -> str:
     """Markdown table of `fold_status` for every recipe folder under run_root that has started."""
-    lines = ["| recipe | fold | epochs | val Dice covid | val Dice MedSeg | s/epoch | hours left |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| recipe | fold | epochs | val Dice covid | val Dice MedSeg | s/epoch | hours left | last epoch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    stopped = []
     for recipe_dir in sorted(p for p in Path(run_root).glob("*") if p.name in RECIPES):
         for fold_path in sorted(recipe_dir.glob("fold*")) + sorted(recipe_dir.glob("final")):
             fold = "all" if fold_path.name == "final" else fold_path.name[4:]
             st = fold_status(recipe_dir.name, fold, run_root)
+            ago = st["seconds_since_epoch"]
+            since = "–" if ago is None else f"{ago / 60:.0f} min ago" + (" (stopped?)" if st["stopped"] else "")
+            if st["stopped"]:
+                stopped.append(f"{st['recipe']} fold {fold}")
             lines.append(f"| {st['recipe']} | {fold} | {st['epochs_done']}/{st['epochs_planned']} | "
                          f"{fmt(st['val_dice_covid'], '.3f')} | {fmt(st['val_dice_medseg'], '.3f')} | "
-                         f"{fmt(st['seconds_per_epoch'], '.0f')} | {fmt(st['hours_left'], '.2f')} |")
+                         f"{fmt(st['seconds_per_epoch'], '.0f')} | {fmt(st['hours_left'], '.2f')} | {since} |")
+    if stopped:
+        lines.append(f"\nNo epoch for more than twice the pace: {', '.join(stopped)}. If no `training.cv train` "
+                     "process runs, `train` (or `make cv-train`) again resumes from the last epoch.")
     return "\n".join(lines) + "\n"
 
 

@@ -254,8 +254,21 @@ def test_status_counts_epochs_over_stages_and_times_what_is_left(tmp_path, monke
     assert cv.fold_status("tiny2", "1", tmp_path)["seconds_per_epoch"] == pytest.approx((100 + 110 + 90) / 3)
     (tmp_path / "not-a-recipe" / "fold0").mkdir(parents=True)  # other folders under the run root are ignored
     assert cv.main(["status", "--run-root", str(tmp_path)]) == 0
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| tiny2")]
-    assert rows == ["| tiny2 | 1 | 3/5 | 0.500 | 0.600 | 100 | 0.06 |"]
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| tiny2")]
+    assert rows == ["| tiny2 | 1 | 3/5 | 0.500 | 0.600 | 100 | 0.06 | 0 min ago |"] and "stopped" not in out
+    # the newest log was written 250 s ago, 2.5x the 100 s pace, with 2 epochs left: the run has stopped
+    import os
+    import time
+
+    os.utime(stage1 / "log.csv", (time.time() - 400,) * 2)
+    os.utime(tmp_path / "tiny2" / "fold1" / "log.csv", (time.time() - 250,) * 2)
+    st = cv.fold_status("tiny2", "1", tmp_path)
+    assert st["stopped"] and st["seconds_since_epoch"] == pytest.approx(250, abs=5)
+    assert not cv.fold_status("tiny2", "1", tmp_path, now=time.time() - 100)["stopped"]  # 150 s: still running
+    assert cv.main(["status", "--run-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 4 min ago (stopped?) |" in out and "No epoch for more than twice the pace: tiny2 fold 1." in out
 
 
 def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tmp_path, capsys):
