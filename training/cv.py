@@ -22,7 +22,8 @@ again), so `evaluate` can be re-run as folds finish. `table` collects every reci
 
 Run folders (checkpoints, weights) live only as long as the machine they were trained on, so
 `evaluate --record docs/cv` also copies each fold's metrics.json and log.csv (a few KB) into
-RECORD/<recipe>/fold<K>/, the same layout, which is committed: folds finished in different sessions add up there, and `table --run-root docs/cv` reads them.
+RECORD/<recipe>/fold<K>/, the same layout, which is committed: folds finished in different sessions add up
+there, and `table --run-root docs/cv` reads them.
 """
 from __future__ import annotations
 
@@ -525,7 +526,8 @@ def main(argv=None) -> int:
                 continue
             r = None if args.force else scored_metrics(fd, args.canvas)
             if r is not None:
-                print(f"fold {fold}: {metrics_name(args.canvas)} already scores its last.h5, kept (--force: score again)")
+                print(f"fold {fold}: {metrics_name(args.canvas)} already scores its last.h5, kept "
+                      "(--force: score again)")
             else:
                 r = evaluate_fold(fd, args.covid_root, args.medseg_root, canvas=args.canvas)
             if args.record:
