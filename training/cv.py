@@ -125,18 +125,19 @@ def _epochs_of(argv: list[str]) -> int:
 
 def fold_status(recipe: str, fold, run_root, now: float | None = None) -> dict:
     """Progress of one fold run over all its stages: epochs done and planned, the last epoch's validation-subset
-    Dice, seconds per epoch (mean of the last 3), the time left at that pace, and how long ago (at `now`, default
-    the clock) the last epoch ended. A run whose last epoch ended more than twice its pace ago while epochs are
-    left has `stopped` set: its process is gone (a session's end, a crash) and `train` again resumes it. Reads
+    Dice, seconds per epoch (median of the last 5: one epoch that shared the CPU with a test run does not skew it),
+    the time left at that pace, and how long ago (at `now`, default the clock) the last epoch ended. A run whose
+    last epoch ended more than twice its pace ago while epochs are left has `stopped` set: its process is gone (a session's end, a crash) and `train` again resumes it. Reads
     only the stages' log.csv, so it is safe while the run trains."""
+    import statistics
     import time
 
     stages = train_stages(recipe, fold, "-", "-", run_root)
     planned = sum(_epochs_of(a) for a in stages)
     run_dir = fold_dir(run_root, recipe, fold)
     rows = fold_log_rows(run_dir)
-    recent = [float(r["seconds"]) for r in rows[-3:]]
-    pace = sum(recent) / len(recent) if recent else None
+    recent = [float(r["seconds"]) for r in rows[-5:]]
+    pace = statistics.median(recent) if recent else None
     last = rows[-1] if rows else {}
     value = lambda key: float(last[key]) if last.get(key) else None  # noqa: E731
     logs = [log for log in (d / "log.csv" for d in [*_stage_dirs(run_dir), run_dir]) if log.is_file()]
