@@ -950,8 +950,10 @@ def print_table(res: dict) -> None:
 
 # --- main ------------------------------------------------------------------------------------------------------------
 def int8_sources() -> list[Path]:
-    """Caches that may hold an INT8 model converted before: the default one and the soak's own."""
-    return [Path.home() / ".cache" / "covidseg", REPO / "artifacts" / "soak-cache"]
+    """Caches that may hold an INT8 model converted before: COVIDSEG_CACHE_DIR (a test session's), the default
+    one and the soak's own."""
+    env = [Path(os.environ["COVIDSEG_CACHE_DIR"])] if os.environ.get("COVIDSEG_CACHE_DIR") else []
+    return [*env, Path.home() / ".cache" / "covidseg", REPO / "artifacts" / "soak-cache"]
 
 
 def _seed_cache(cache: Path) -> None:

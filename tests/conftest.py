@@ -35,6 +35,31 @@ NICE = int(os.environ.get("COVIDSEG_TEST_NICE", "15"))
 SLICES = REPO / "tests" / "fixtures" / "slices"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> Path:
+    """One INT8/ONNX cache for the whole session (COVIDSEG_CACHE_DIR, inherited by CLI subprocesses and passed to
+    the stacks' workers): the core tests and the service stacks build the shipped weights' INT8 model once."""
+    old = os.environ.get("COVIDSEG_CACHE_DIR")
+    cache = tmp_path_factory.mktemp("covidseg-cache")
+    os.environ["COVIDSEG_CACHE_DIR"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("COVIDSEG_CACHE_DIR", None)
+    else:
+        os.environ["COVIDSEG_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def int8_cache(_isolated_cache) -> Path:
+    """The session cache holding the shipped weights' INT8 model (converted here once if no test did before), so
+    workers start in about a second without importing TensorFlow, as they do in production (backend "auto" on a
+    CPU), instead of building the fp32 Keras model in every pool process (~10 s of CPU each)."""
+    from shared.core.inference import Segmenter
+
+    Segmenter(backend="int8", cache_root=_isolated_cache, log=None)
+    return _isolated_cache
+
+
 @pytest.fixture(scope="session")
 def services_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("services")
@@ -88,9 +113,8 @@ def make_test_env(database_url: str, redis_url: str, s3_endpoint: str, bucket: s
         "COVIDSEG_PREDICT_TIMEOUT": "150", "COVIDSEG_API_WORKERS": "2", "COVIDSEG_API_THREADS": "8",
         "COVIDSEG_TOKEN_CACHE_SECONDS": "2", "COVIDSEG_TF_THREADS": "2", "COVIDSEG_INFER_BATCH_SIZE": "8",
         "COVIDSEG_LOG_LEVEL": "INFO",
-        # fp32 Keras: no one-off INT8 conversion (minutes on a fresh machine) before the first job;
-        # the INT8 path is the core suite's business (tests/core)
-        "COVIDSEG_INFERENCE_BACKEND": "fp32",
+        # INT8 from the session cache (the `int8_cache` fixture builds it once), the CPU production path
+        "COVIDSEG_INFERENCE_BACKEND": "int8", "COVIDSEG_CACHE_DIR": os.environ["COVIDSEG_CACHE_DIR"],
     }
     env.update({f"COVIDSEG_{k.upper()}": str(v) for k, v in extra.items()})
     return env
@@ -236,7 +260,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def stack(request, services_dir, redis_server, s3_server):
+def stack(request, services_dir, redis_server, s3_server, int8_cache):
     backend = request.param
     url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
     redis_db = 1 if backend == "sqlite" else 2

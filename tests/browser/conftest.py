@@ -39,14 +39,13 @@ def _root_conftest():
 
 
 @pytest.fixture(scope="package")
-def web_stack(services_dir, redis_server, s3_server, postgres_server):
+def web_stack(services_dir, redis_server, s3_server, postgres_server, int8_cache):
     import localstack
     root = _root_conftest()
     url = postgres_server.create_database("covidseg_web")
     localstack.migrate(url)
     env = root.make_test_env(url, f"redis://127.0.0.1:{redis_server.port}/7", s3_server.endpoint,
                              "covidseg-browser", task_max_retries=0, flower_url=FLOWER_URL,
-                             inference_backend="fp32",  # no one-off INT8 conversion: fast start
                              admin_inspect_timeout=3, admin_cache_seconds=2)   # slack on a loaded machine
     workdir = services_dir / "stack-browser"
     workdir.mkdir(exist_ok=True)

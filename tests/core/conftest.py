@@ -1,6 +1,7 @@
 """Fixtures of the core suite (no services, no /work/shared).
 
-- The int8/ONNX cache goes to a session temp dir (COVIDSEG_CACHE_DIR, inherited by CLI subprocesses).
+- The int8/ONNX cache goes to a session temp dir (COVIDSEG_CACHE_DIR, inherited by CLI subprocesses; the
+  `_isolated_cache` fixture of tests/conftest.py, shared with the service stacks).
 - The real (shipped) model is loaded at most once per backend per session via `shared.core.inference.get_segmenter`.
 - `threshold_model`: a one-layer Keras "U-Net stand-in" whose output is sigmoid(40 * (x - 0.5)) of the
   preprocessed input: bright structures become the mask. It makes geometry tests meaningful whatever the shipped
@@ -25,17 +26,6 @@ PERSISTENT_CACHE = os.environ.get("COVIDSEG_CACHE_DIR") or str(Path.home() / ".c
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "trained: needs trained weights (skipped while the placeholder ships)")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    old = os.environ.get("COVIDSEG_CACHE_DIR")
-    os.environ["COVIDSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("covidseg-cache"))
-    yield
-    if old is None:
-        os.environ.pop("COVIDSEG_CACHE_DIR", None)
-    else:
-        os.environ["COVIDSEG_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

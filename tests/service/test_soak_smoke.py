@@ -1,8 +1,8 @@
 """Smoke test of the soak with faults (scripts/soak.py, `make soak`): a small load (30 slices, 4 clients, one
 study) over its own throwaway stack, with one SIGKILL of an interactive pool process and one Redis restart. The
 JSON it writes must show nothing lost, stuck, duplicated or orphaned (a worker that dies on the way is restarted
-by the soak, as docker-compose would, and shows in the verdict, not here). About a minute with a cached INT8 model
-(fp32 when no INT8 conversion is cached, so a fresh machine does not spend minutes converting)."""
+by the soak, as docker-compose would, and shows in the verdict, not here). About a minute with the INT8 model of
+the session cache (`int8_cache`), which the soak copies into its own."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ import soak  # noqa: E402
 NICE = int(os.environ.get("COVIDSEG_TEST_NICE", "15"))
 
 
-def test_soak_smoke_kill_and_redis_restart_lose_and_duplicate_nothing(tmp_path):
+def test_soak_smoke_kill_and_redis_restart_lose_and_duplicate_nothing(tmp_path, int8_cache):
     cached = any(any((src / "onnx").glob("*.int8.onnx")) for src in soak.int8_sources())
     out = tmp_path / "soak.json"
     cmd = [sys.executable, str(REPO / "scripts" / "soak.py"), "--jobs", "30", "--clients", "4", "--studies", "1",
