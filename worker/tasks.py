@@ -63,10 +63,6 @@ class _Resources:
         with self.lock:
             if self.segmenter is None:
                 s = settings()
-                if s.tf_threads > 0:
-                    import tensorflow as tf
-                    tf.config.threading.set_intra_op_parallelism_threads(s.tf_threads)
-                    tf.config.threading.set_inter_op_parallelism_threads(max(1, s.tf_threads // 2))
                 from shared.core.inference import Segmenter
                 self.segmenter = Segmenter(weights=s.weights or None, backend=s.inference_backend,
                                            batch_size=s.infer_batch_size, threads=s.tf_threads or None,

@@ -188,6 +188,21 @@ def calibration_pairs(mode: str, directory=None) -> list[tuple[str, np.ndarray, 
 # --------------------------------------------------------------------------------------------------------------
 # runners: (N, 448, 448, 1) float32 -> (N, 448, 448) float32
 # --------------------------------------------------------------------------------------------------------------
+def set_tf_threads(threads: int | None) -> None:
+    """TensorFlow's intra-op (`threads`) and inter-op (half of it, at least 1) pools, process-wide. Only takes
+    effect before TensorFlow's runtime starts (later calls are ignored), so it is called before a Keras model is
+    built, and never by the INT8 path, which does not import TensorFlow at all."""
+    if not threads or threads < 1:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
+    except RuntimeError:  # the runtime is already up (an earlier model in this process): it keeps its pools
+        pass
+
+
 class _KerasRunner:
     def __init__(self, model):
         import tensorflow as tf
@@ -385,6 +400,8 @@ class Segmenter:
 
     weights=None -> the shipped weights. `model=` (a built Keras model) replaces weights, e.g. in tests.
     framing=None -> the weights' own (`metadata["framing"]`, "full" when absent; see `shared.core.framing`).
+    threads -> onnxruntime's intra-op threads (int8), or TensorFlow's pools (`set_tf_threads`, fp32/bf16);
+    None = the runtime's default (all cores).
     """
 
     def __init__(self, weights=None, backend: str = "auto", preprocessing: str = "covidseg", batch_size: int = 8,
@@ -442,7 +459,8 @@ class Segmenter:
         return self._digest
 
     def keras_model(self, precision: str = "fp32"):
-        """The Keras model (built and loaded on first use)."""
+        """The Keras model (built and loaded on first use; `threads` sizes TensorFlow's pools before that)."""
+        set_tf_threads(self.threads)
         if precision == "fp32":
             if self._keras is None:
                 self._keras = _build_keras(self.weights, "fp32")

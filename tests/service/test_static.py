@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,25 @@ def test_api_never_imports_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("backend, tf_expected", [("int8", False), ("fp32", True)])
+def test_an_int8_worker_process_never_imports_tensorflow(int8_cache, backend, tf_expected):
+    """A pool process's model load with COVIDSEG_TF_THREADS set: INT8 runs on onnxruntime and leaves TensorFlow
+    (~7 s of CPU and hundreds of MB per process) unimported; fp32 imports it and gets the thread setting."""
+    code = ("import sys\n"
+            "from worker.tasks import resources\n"
+            "seg = resources().get_segmenter()\n"
+            "tf = sys.modules.get('tensorflow')\n"
+            "print(seg.backend, tf is not None,"
+            " tf and tf.config.threading.get_intra_op_parallelism_threads())\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("COVIDSEG_")},
+           "COVIDSEG_DATABASE_URL": "sqlite://", "COVIDSEG_INFERENCE_BACKEND": backend, "COVIDSEG_TF_THREADS": "2",
+           "COVIDSEG_CACHE_DIR": str(int8_cache)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == (f"{backend} True 2" if tf_expected else f"{backend} False None")
 
 
 def test_openapi_documents_every_route():
