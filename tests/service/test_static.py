@@ -123,10 +123,11 @@ def test_api_never_imports_tensorflow():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("backend, tf_expected", [("int8", False), ("fp32", True)])
-def test_an_int8_worker_process_never_imports_tensorflow(int8_cache, backend, tf_expected):
+def test_an_int8_worker_process_never_imports_tensorflow(int8_cache):
     """A pool process's model load with COVIDSEG_TF_THREADS set: INT8 runs on onnxruntime and leaves TensorFlow
-    (~7 s of CPU and hundreds of MB per process) unimported; fp32 imports it and gets the thread setting."""
+    (~7 s of CPU and hundreds of MB per process) unimported. (fp32 imports it and sizes its pools first: 20 s more
+    here, left to the fp32 runs of tests/core.)"""
+    backend = "int8"
     code = ("import sys\n"
             "from worker.tasks import resources\n"
             "seg = resources().get_segmenter()\n"
@@ -139,7 +140,7 @@ def test_an_int8_worker_process_never_imports_tensorflow(int8_cache, backend, tf
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == (f"{backend} True 2" if tf_expected else f"{backend} False None")
+    assert out.stdout.strip().splitlines()[-1] == "int8 False None"
 
 
 def test_openapi_documents_every_route():

@@ -241,9 +241,9 @@ def test_job_detail_has_timeline_fields(admin_client, make_job):
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
-def _clear_of_an_hour_boundary(margin_s: int = 40) -> None:
-    """Sleep until the clock is at least margin_s past the hour and margin_s before the next, so that jobs made
-    "30 s ago" finish in the current hour and the 24-hour window does not move between two requests."""
+def _clear_of_an_hour_boundary(margin_s: int = 10) -> None:
+    """Sleep until the clock is at least margin_s past the hour and margin_s before the next, so that jobs that
+    finished 2 s ago did so in the current hour and the 24-hour window does not move between two requests."""
     import time
 
     from shared.service import db
@@ -262,8 +262,9 @@ def test_stats_counters_and_throughput(admin_client, make_job):
     make_job("queued")
     make_job("failed")
     make_job("failed", created_ago=timedelta(hours=30))          # failed more than 24 h ago: not counted
-    make_job("succeeded", run=timedelta(seconds=2), created_ago=timedelta(seconds=30))
-    make_job("succeeded", run=timedelta(seconds=10), created_ago=timedelta(seconds=30))
+    # both finish 2 s ago (created + 1 s waiting + run): in this hour once 10 s into it
+    make_job("succeeded", run=timedelta(seconds=2), created_ago=timedelta(seconds=5))
+    make_job("succeeded", run=timedelta(seconds=10), created_ago=timedelta(seconds=13))
     after = admin_client.get("/api/v1/admin/stats").json
     c0, c1 = before["counters"], after["counters"]
     assert c1["queued"] == c0["queued"] + 1
