@@ -14,7 +14,9 @@ The final model of a recipe is the same schedule with `--fold all` (every slice,
 add a fine-tune stage (`"then": {...}`): a second run with those arguments changed, initialised from the first
 run's last epoch; `train` runs (or resumes) both in turn.
 
-Each fold run is resumable (`train` again continues it) and lives in RUN_ROOT/<recipe>/fold<K>/.
+Each fold run is resumable (`train` again continues it) and lives in RUN_ROOT/<recipe>/fold<K>/. While `train`
+runs it holds that folder's train.lock: a second `train` of the fold is refused, and `status` tells a fold that
+is training from one whose process is gone.
 `evaluate` scores each finished fold's last.h5 on the fold's full held-out slices (fp32, threshold 0.5, Dice at
 each mask's own size: the protocol of `covidseg evaluate`) into metrics.json, which names the weights it scored by
 their sha256; a fold whose metrics.json already scores its current last.h5 is kept as it is (`--force` scores it
@@ -28,6 +30,7 @@ there, and `table --run-root docs/cv` reads them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -80,6 +83,55 @@ def fold_dir(run_root, recipe: str, fold) -> Path:
     return Path(run_root) / recipe / (f"fold{fold}" if fold != "all" else "final")
 
 
+#: held (flock) by the `train` process of a fold for as long as it runs; the kernel drops it when the process ends
+TRAIN_LOCK = "train.lock"
+
+
+class FoldBusy(RuntimeError):
+    """Another process is training this fold."""
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path):
+    """Hold the fold's TRAIN_LOCK while training it: a second `train` of the same fold (another shell, a session
+    that resumes a run still going) would write the same checkpoints; it gets FoldBusy instead. The file holds
+    the holder's pid, for messages; the lock itself is the kernel's (gone with the process, however it ends)."""
+    import fcntl
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / TRAIN_LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FoldBusy(f"{run_dir} is being trained by another process (pid {training_pid(run_dir)})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def training_pid(run_dir: Path) -> int | None:
+    """The pid of the process training this fold now, or None when none holds its TRAIN_LOCK."""
+    import fcntl
+
+    path = Path(run_dir) / TRAIN_LOCK
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = f.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def _argv(options: dict, run_dir: Path, fold, covid_root, medseg_root) -> list[str]:
     argv = ["--covid-root", str(covid_root), "--medseg-root", str(medseg_root),
             "--run-dir", str(run_dir), "--fold", str(fold)]
@@ -126,8 +178,10 @@ def _epochs_of(argv: list[str]) -> int:
 def fold_status(recipe: str, fold, run_root, now: float | None = None) -> dict:
     """Progress of one fold run over all its stages: epochs done and planned, the last epoch's validation-subset
     Dice, seconds per epoch (median of the last 5: one epoch that shared the CPU with a test run does not skew it),
-    the time left at that pace, and how long ago (at `now`, default the clock) the last epoch ended. A run whose
-    last epoch ended more than twice its pace ago while epochs are left has `stopped` set: its process is gone (a session's end, a crash) and `train` again resumes it. Reads
+    the time left at that pace, how long ago (at `now`, default the clock) the last epoch ended, and the pid of
+    the `train` process that holds the fold's TRAIN_LOCK (None: no process trains it). A run with epochs left
+    and no such process has `stopped` set; for runs started before the lock existed, one whose last epoch ended
+    more than twice its pace ago: its process is gone (a session's end, a crash) and `train` again resumes it. Reads
     only the stages' log.csv, so it is safe while the run trains."""
     import statistics
     import time
@@ -142,11 +196,17 @@ def fold_status(recipe: str, fold, run_root, now: float | None = None) -> dict:
     value = lambda key: float(last[key]) if last.get(key) else None  # noqa: E731
     logs = [log for log in (d / "log.csv" for d in [*_stage_dirs(run_dir), run_dir]) if log.is_file()]
     ago = (time.time() if now is None else now) - max(log.stat().st_mtime for log in logs) if rows else None
+    pid = training_pid(run_dir)
+    if pid is not None:
+        stopped = False
+    elif (run_dir / TRAIN_LOCK).is_file():
+        stopped = len(rows) < planned
+    else:
+        stopped = bool(pace and len(rows) < planned and ago > 2 * pace)
     return {"recipe": recipe, "fold": fold, "epochs_done": len(rows), "epochs_planned": planned,
             "val_dice_covid": value("val_dice_covid"), "val_dice_medseg": value("val_dice_medseg"),
             "seconds_per_epoch": pace, "hours_left": (planned - len(rows)) * pace / 3600 if pace else None,
-            "seconds_since_epoch": ago,
-            "stopped": bool(pace and len(rows) < planned and ago > 2 * pace)}
+            "seconds_since_epoch": ago, "training_pid": pid, "stopped": stopped}
 
 
 def status_table(run_root) -> str:
@@ -160,15 +220,19 @@ def status_table(run_root) -> str:
             fold = "all" if fold_path.name == "final" else fold_path.name[4:]
             st = fold_status(recipe_dir.name, fold, run_root)
             ago = st["seconds_since_epoch"]
-            since = "–" if ago is None else f"{ago / 60:.0f} min ago" + (" (stopped?)" if st["stopped"] else "")
+            since = "–" if ago is None else f"{ago / 60:.0f} min ago"
+            if st["training_pid"] is not None:
+                since += f" (training, pid {st['training_pid']})"
+            elif st["stopped"]:  # certain once a train process has held the fold's lock; a guess from the pace before
+                since += " (stopped)" if (fold_path / TRAIN_LOCK).is_file() else " (stopped?)"
             if st["stopped"]:
                 stopped.append(f"{st['recipe']} fold {fold}")
             lines.append(f"| {st['recipe']} | {fold} | {st['epochs_done']}/{st['epochs_planned']} | "
                          f"{fmt(st['val_dice_covid'], '.3f')} | {fmt(st['val_dice_medseg'], '.3f')} | "
                          f"{fmt(st['seconds_per_epoch'], '.0f')} | {fmt(st['hours_left'], '.2f')} | {since} |")
     if stopped:
-        lines.append(f"\nNo epoch for more than twice the pace: {', '.join(stopped)}. If no `training.cv train` "
-                     "process runs, `train` (or `make cv-train`) again resumes from the last epoch.")
+        lines.append(f"\nNo process trains (or, for older runs, no epoch for more than twice the pace): "
+                     f"{', '.join(stopped)}. `train` (or `make cv-train`) again resumes from the last epoch.")
     return "\n".join(lines) + "\n"
 
 
@@ -502,15 +566,20 @@ def main(argv=None) -> int:
             print(f"error: --fold must be 0-{k - 1} or 'all'", file=sys.stderr)
             return 2
         stages = train_stages(args.recipe, args.fold, args.covid_root, args.medseg_root, args.run_root)
-        for argv in stages:
-            run_dir = Path(argv[argv.index("--run-dir") + 1])
-            if len(stages) > 1 and _finished(run_dir):
-                print(f"{run_dir}: finished, next stage", flush=True)
-                continue
-            rc = train.main(argv + (["--threads", str(args.threads)] if args.threads else [])
-                            + (["--precision", args.precision] if args.precision else []))
-            if rc:
-                return rc
+        try:
+            with training_lock(fold_dir(args.run_root, args.recipe, args.fold)):
+                for argv in stages:
+                    run_dir = Path(argv[argv.index("--run-dir") + 1])
+                    if len(stages) > 1 and _finished(run_dir):
+                        print(f"{run_dir}: finished, next stage", flush=True)
+                        continue
+                    rc = train.main(argv + (["--threads", str(args.threads)] if args.threads else [])
+                                    + (["--precision", args.precision] if args.precision else []))
+                    if rc:
+                        return rc
+        except FoldBusy as exc:
+            print(f"error: {exc}; `status` shows its progress", file=sys.stderr)
+            return 2
         return 0
     if args.cmd == "publish":
         from training.publish_cv import publish

@@ -273,7 +273,23 @@ def test_status_counts_epochs_over_stages_and_times_what_is_left(tmp_path, monke
     assert not cv.fold_status("tiny2", "1", tmp_path, now=time.time() - 100)["stopped"]  # 150 s: still running
     assert cv.main(["status", "--run-root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| 4 min ago (stopped?) |" in out and "No epoch for more than twice the pace: tiny2 fold 1." in out
+    assert "| 4 min ago (stopped?) |" in out and "no epoch for more than twice the pace): tiny2 fold 1." in out
+    # a run started by `train` holds the fold's lock while it lives: it is training however old its last epoch,
+    # and a second `train` of the fold is refused; once the process is gone the fold has stopped, for certain
+    fold1 = tmp_path / "tiny2" / "fold1"
+    with cv.training_lock(fold1):
+        st = cv.fold_status("tiny2", "1", tmp_path)
+        assert st["training_pid"] == os.getpid() and not st["stopped"]
+        assert cv.main(["status", "--run-root", str(tmp_path)]) == 0
+        assert f"| 4 min ago (training, pid {os.getpid()}) |" in capsys.readouterr().out
+        argv = ["train", "--recipe", "tiny2", "--fold", "1", "--covid-root", "-", "--medseg-root", "-",
+                "--run-root", str(tmp_path)]
+        assert cv.main(argv) == 2
+        assert f"{fold1} is being trained by another process (pid {os.getpid()})" in capsys.readouterr().err
+    st = cv.fold_status("tiny2", "1", tmp_path)
+    assert st["training_pid"] is None and st["stopped"]
+    assert cv.main(["status", "--run-root", str(tmp_path)]) == 0
+    assert "| 4 min ago (stopped) |" in capsys.readouterr().out
 
 
 def test_publish_needs_every_fold_and_a_recipe_that_beats_the_shipped_weights(tmp_path, capsys):
