@@ -73,20 +73,23 @@ cluster-scale: setup
 ## cv-train: train folds FOLDS (default "0 1") of recipe RECIPE in the background, THREADS (default 1) TF threads
 ## each: two 1-thread folds side by side use both cores. Logs: CV_RUN_ROOT/<recipe>-fold<K>.log; `make cv-status`
 ## shows progress. Data roots: COVID_ROOT, MEDSEG_ROOT (default ../shared/data/...). PRECISION=fp32 overrides a bf16
-## recipe on a CPU without bf16 instructions. First `python -m training.cv plan --recipe R`. See docs/MODEL.md.
+## recipe on a CPU without bf16 instructions. CV_NICE (default 19): the folds yield the CPU to tests and the
+## service. Run it again to resume (the log is appended to; a fold still training is refused, see its train.lock).
+## First `python -m training.cv plan --recipe R`. See docs/MODEL.md.
 COVID_ROOT ?= ../shared/data/covid19-ct-seg-256
 MEDSEG_ROOT ?= ../shared/data/medseg-100-train
 CV_RUN_ROOT ?= runs/cv
 FOLDS ?= 0 1
 THREADS ?= 1
+CV_NICE ?= 19
 .PHONY: cv-train cv-status
 cv-train: setup
 	@test -n "$(RECIPE)" || { echo "usage: make cv-train RECIPE=<name> [FOLDS='0 1'] [THREADS=1]" >&2; exit 2; }
 	@mkdir -p $(CV_RUN_ROOT)
 	@for f in $(FOLDS); do \
-	  nohup $(PY) -m training.cv train --recipe $(RECIPE) --fold $$f --threads $(THREADS) \
+	  nohup nice -n $(CV_NICE) $(PY) -m training.cv train --recipe $(RECIPE) --fold $$f --threads $(THREADS) \
 	    $(if $(PRECISION),--precision $(PRECISION)) --covid-root $(COVID_ROOT) \
-	    --medseg-root $(MEDSEG_ROOT) --run-root $(CV_RUN_ROOT) > $(CV_RUN_ROOT)/$(RECIPE)-fold$$f.log 2>&1 & \
+	    --medseg-root $(MEDSEG_ROOT) --run-root $(CV_RUN_ROOT) >> $(CV_RUN_ROOT)/$(RECIPE)-fold$$f.log 2>&1 & \
 	  echo "fold $$f: pid $$!, log $(CV_RUN_ROOT)/$(RECIPE)-fold$$f.log"; \
 	done
 
