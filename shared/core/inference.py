@@ -436,6 +436,8 @@ class Segmenter:
         self.framing = framing or self.weights_metadata.get("framing", "full")
         if self.framing not in FRAMINGS:
             raise ValueError(f"unknown framing {self.framing!r}; choose one of {', '.join(FRAMINGS)}")
+        if self.framing == "lung":
+            set_tf_threads(threads)  # the lung model that frames each slice runs on TensorFlow, whatever the backend
         self.device = self._device()
         self.backend = self._resolve(backend)
         self._runner = self._make_runner(self.backend)
